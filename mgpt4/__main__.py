@@ -1,0 +1,5 @@
+"""``python -m mgpt4`` runs the CLI."""
+
+from mgpt4.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""Shared fixtures: deterministic seeds, and a tiny saved micro model folder for CLI tests."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mgpt4.config import ModelConfig
+from mgpt4.model.build import build_model, save_model_dir
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """Reset seeds and the default dtype around every test."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> str:
+    """A saved (untrained, random) micro model folder: ``config.yaml`` + weights + tokenizer."""
+    folder = tmp_path_factory.mktemp("micro_model")
+    torch.manual_seed(1234)
+    cfg = ModelConfig(preset="micro", trainable=["proj"], grad_checkpointing=False)
+    save_model_dir(build_model(cfg), cfg, folder)
+    return str(folder)
