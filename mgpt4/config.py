@@ -42,7 +42,9 @@ def field(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any 
 class ModelConfig:
     """Which MiniGPT-4 to build and where its weights come from."""
 
-    preset: str = field("micro", doc="model size: micro, vicuna-7b, vicuna-13b, llama2-7b (`mgpt4 model info`)")
+    preset: str = field(
+        "micro", doc="model size: micro, vicuna-7b, vicuna-13b, llama2-7b (`mgpt4 model info`)"
+    )
     vision_weights: str | None = field(None, doc="LAVIS eva_vit_g.pth (EVA ViT-g/14); None = random init")
     qformer_weights: str | None = field(
         None, doc="BLIP-2 blip2_pretrained_flant5xxl.pth (Q-Former, query tokens, ln_vision); None = random"
@@ -120,7 +122,9 @@ def resolve_recipe_path(path: str | os.PathLike) -> Path:
     if str(path) in recipes:
         return recipes[str(path)]
     hint = difflib.get_close_matches(str(path), list(recipes), n=1)
-    extra = f"; did you mean built-in recipe '{hint[0]}'?" if hint else "; `mgpt4 recipes` lists built-in ones"
+    extra = (
+        f"; did you mean built-in recipe '{hint[0]}'?" if hint else "; `mgpt4 recipes` lists built-in ones"
+    )
     raise ConfigError(f"recipe {path}: no such file{extra}")
 
 

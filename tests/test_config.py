@@ -29,8 +29,18 @@ class _Run:
 def test_recipe_then_overrides_with_coercion(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("# mgpt4 pretrain --config r.yaml\ntrain:\n  lr: 3.0e-4\nmodel:\n  preset: vicuna-7b\n")
-    cfg = load_config(_Run, recipe, ["train.steps=20", "train.lr=1e-5", "model.trainable=[proj,qformer]",
-                                     "generate.do_sample=true", "out=runs/x", "train.sources=a.tar"])
+    cfg = load_config(
+        _Run,
+        recipe,
+        [
+            "train.steps=20",
+            "train.lr=1e-5",
+            "model.trainable=[proj,qformer]",
+            "generate.do_sample=true",
+            "out=runs/x",
+            "train.sources=a.tar",
+        ],
+    )
     assert cfg.model.preset == "vicuna-7b" and cfg.train.steps == 20 and cfg.train.lr == 1e-5
     assert cfg.model.trainable == ["proj", "qformer"] and cfg.generate.do_sample is True
     assert cfg.out == "runs/x" and cfg.train.sources == ["a.tar"]

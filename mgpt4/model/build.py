@@ -60,21 +60,30 @@ def llama_config(spec: LLMSpec, vocab_size: int, attn_implementation: str) -> Ll
     )
 
 
-def _build_llm(cfg: ModelConfig, tokenizer_dir: Path | None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+def _build_llm(
+    cfg: ModelConfig, tokenizer_dir: Path | None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     preset = get_preset(cfg.preset)
     if cfg.llm_path:
         path = Path(cfg.llm_path)
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: no config.json — model.llm_path must be a local HF model directory")
+            raise CheckpointError(
+                f"{path}: no config.json — model.llm_path must be a local HF model directory"
+            )
         tokenizer = load_tokenizer(tokenizer_dir or path)
         try:
             llm = LlamaForCausalLM.from_pretrained(
-                str(path), local_files_only=True, attn_implementation=cfg.attn_implementation, dtype=torch.float32
+                str(path),
+                local_files_only=True,
+                attn_implementation=cfg.attn_implementation,
+                dtype=torch.float32,
             )
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: cannot load the LLM ({str(exc).splitlines()[0]})") from exc
         return llm, tokenizer
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else build_micro_tokenizer(preset.llm.vocab_size)
+    tokenizer = (
+        load_tokenizer(tokenizer_dir) if tokenizer_dir else build_micro_tokenizer(preset.llm.vocab_size)
+    )
     vocab = len(tokenizer) if preset.name == "micro" else max(preset.llm.vocab_size, len(tokenizer))
     config = llama_config(preset.llm, vocab, cfg.attn_implementation)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -128,7 +137,7 @@ def weights_to_save(model: MiniGPT4, cfg: ModelConfig) -> dict[str, torch.Tensor
 
 
 def save_model_dir(model: MiniGPT4, cfg: ModelConfig, folder: str | Path, header: str | None = None) -> Path:
-    """Write ``trainable.safetensors``, ``config.yaml`` (model section) and, for built tokenizers, ``tokenizer/``."""
+    """Write ``trainable.safetensors``, ``config.yaml`` (model section) and a built ``tokenizer/``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoints.save_weights(weights_to_save(model, cfg), folder / checkpoints.TRAINABLE_FILE)
@@ -171,7 +180,9 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, data.get("model", {}), "model.")
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> MiniGPT4:
+def load_model_dir(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
+) -> MiniGPT4:
     """Rebuild a saved model: preset + official files from its config + our saved weights."""
     folder = resolve_model_dir(path)
     cfg = read_model_config(folder)

@@ -50,7 +50,9 @@ def read_state_dict(path: str | Path, what: str = "proj") -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         source = OFFICIAL_SOURCES.get(what, "")
-        raise CheckpointError(f"{path}: weight file not found" + (f" (official file: {source})" if source else ""))
+        raise CheckpointError(
+            f"{path}: weight file not found" + (f" (official file: {source})" if source else "")
+        )
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -61,7 +63,9 @@ def read_state_dict(path: str | Path, what: str = "proj") -> dict[str, torch.Ten
             "never runs code; re-save it as a plain state dict or safetensors"
         ) from exc
     except (RuntimeError, EOFError, SafetensorError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(exc)})") from exc
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(exc)})"
+        ) from exc
     return _unwrap(state, path)
 
 
@@ -93,15 +97,20 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], source: Pat
     unexpected = [k for k in state if k not in expected]
     if missing:
         raise CheckpointError(
-            f"{source}: missing {len(missing)} key(s) for {prefix or 'model'}, e.g. '{missing[0]}' — wrong file?"
+            f"{source}: missing {len(missing)} key(s) for {prefix or 'model'}, e.g. '{missing[0]}' "
+            "— wrong file?"
         )
     if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected key(s), e.g. '{unexpected[0]}' — wrong file?")
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected key(s), e.g. '{unexpected[0]}' — wrong file?"
+        )
     _check_shapes(expected, state, source)
     module.load_state_dict(dict(state), strict=True)
 
 
-def _check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: Path) -> None:
+def _check_shapes(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: Path
+) -> None:
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
@@ -126,7 +135,9 @@ def load_eva_vit(model: nn.Module, path: str | Path) -> None:
     depth = len(model.visual_encoder.blocks)
     dropped = [k for k in state if (m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth]
     if dropped:
-        log.info("%s: ignoring %d keys of blocks past depth %d (official behaviour)", path, len(dropped), depth)
+        log.info(
+            "%s: ignoring %d keys of blocks past depth %d (official behaviour)", path, len(dropped), depth
+        )
     state = {k: v for k, v in state.items() if k not in set(dropped)}
     load_exact(model.visual_encoder, state, path, "visual_encoder")
 
@@ -158,11 +169,17 @@ def load_blip2(model: nn.Module, path: str | Path) -> None:
     unexpected = sorted(set(mapped) - expected_keys)
     missing = sorted(expected_keys - set(mapped))
     if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected key(s), e.g. '{unexpected[0]}' — not a BLIP-2 file?")
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} unexpected key(s), e.g. '{unexpected[0]}' — not a BLIP-2 file?"
+        )
     if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} key(s), e.g. '{missing[0]}' — not a BLIP-2 file?")
+        raise CheckpointError(
+            f"{path}: missing {len(missing)} key(s), e.g. '{missing[0]}' — not a BLIP-2 file?"
+        )
     for prefix, part in targets.items():
-        load_exact(part, {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}, path, prefix)
+        load_exact(
+            part, {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}, path, prefix
+        )
     _check_shapes({"query_tokens": model.query_tokens}, {"query_tokens": mapped["query_tokens"]}, path)
     with torch.no_grad():
         model.query_tokens.copy_(mapped["query_tokens"])
@@ -196,7 +213,9 @@ def save_weights(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-def load_weights(model: nn.Module, path: str | Path, is_allowed: Callable[[str], bool] | None = None) -> list[str]:
+def load_weights(
+    model: nn.Module, path: str | Path, is_allowed: Callable[[str], bool] | None = None
+) -> list[str]:
     """Load our ``trainable.safetensors`` into ``model``: every key must exist with the same shape.
 
     Returns:
@@ -207,7 +226,9 @@ def load_weights(model: nn.Module, path: str | Path, is_allowed: Callable[[str],
     own = model.state_dict()
     unknown = [k for k in state if k not in own or (is_allowed is not None and not is_allowed(k))]
     if unknown:
-        raise CheckpointError(f"{path}: '{unknown[0]}' is not a weight of this model ({len(unknown)} such keys)")
+        raise CheckpointError(
+            f"{path}: '{unknown[0]}' is not a weight of this model ({len(unknown)} such keys)"
+        )
     _check_shapes(own, state, path)
     model.load_state_dict(state, strict=False)
     return sorted(state)

@@ -38,7 +38,11 @@ def model_summary(preset_name: str, trainable: Sequence[str] = ("proj",)) -> dic
             part = getattr(model, name)
             if part is None:
                 continue
-            count = part.numel() if isinstance(part, torch.nn.Parameter) else sum(p.numel() for p in part.parameters())
+            count = (
+                part.numel()
+                if isinstance(part, torch.nn.Parameter)
+                else sum(p.numel() for p in part.parameters())
+            )
             modules.append({"module": name, "group": group, "params": count, "trainable": group in trainable})
     total = sum(m["params"] for m in modules)
     trained = sum(m["params"] for m in modules if m["trainable"])
@@ -58,7 +62,7 @@ def model_summary(preset_name: str, trainable: Sequence[str] = ("proj",)) -> dic
                 ((total - trained) * FROZEN_BYTES_PER_PARAM + trained * TRAIN_BYTES_PER_TRAINABLE) / GIB, 2
             ),
         },
-        "note": "weights and optimizer state only; activations come on top (reduced by gradient checkpointing)",
+        "note": "weights and optimizer state only; activations come on top (less with grad checkpointing)",
     }
 
 
@@ -68,7 +72,9 @@ def render_summary(summary: dict, console: Console) -> None:
     for column in ("module", "group", "params", "trainable"):
         table.add_column(column, justify="right" if column == "params" else "left")
     for row in summary["modules"]:
-        table.add_row(row["module"], row["group"], f"{row['params']:,}", "yes" if row["trainable"] else "frozen")
+        table.add_row(
+            row["module"], row["group"], f"{row['params']:,}", "yes" if row["trainable"] else "frozen"
+        )
     table.add_section()
     table.add_row("total", "", f"{summary['total_params']:,}", f"{summary['trainable_params']:,} trainable")
     console.print(table)

@@ -64,7 +64,9 @@ class MiniGPT4(nn.Module):
         if preset.qformer is not None:
             self.Qformer = build_qformer(preset.qformer, preset.vision.width)
             # LAVIS blip2.py init_Qformer: query tokens ~ N(0, 0.02).
-            self.query_tokens = nn.Parameter(torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size))
+            self.query_tokens = nn.Parameter(
+                torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size)
+            )
             nn.init.normal_(self.query_tokens, std=0.02)
         else:
             self.Qformer = None
@@ -83,7 +85,8 @@ class MiniGPT4(nn.Module):
         unknown = sorted(set(groups) - set(TRAINABLE_GROUPS))
         if unknown:
             raise UsageError(
-                f"model.trainable: unknown group(s) {', '.join(unknown)}; choose from {', '.join(TRAINABLE_GROUPS)}"
+                f"model.trainable: unknown group(s) {', '.join(unknown)}; "
+                f"choose from {', '.join(TRAINABLE_GROUPS)}"
             )
         self.trainable_groups = tuple(g for g in TRAINABLE_GROUPS if g in groups)
         for group, names in TRAINABLE_GROUPS.items():
@@ -100,7 +103,9 @@ class MiniGPT4(nn.Module):
         self.visual_encoder.set_grad_checkpointing(enable)  # timm: use_reentrant=False by default
         llm = self.llama_model
         if not enable:
-            disable = getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
+            disable = (
+                getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
+            )
             disable()
         elif hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5 name
             llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -156,7 +161,8 @@ class MiniGPT4(nn.Module):
         segments = split_at_images(prompt)
         if len(segments) - 1 != len(image_tokens):
             raise UsageError(
-                f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(image_tokens)} image(s) were given"
+                f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but "
+                f"{len(image_tokens)} image(s) were given"
             )
         pieces = []
         for index, segment in enumerate(segments):
@@ -190,7 +196,9 @@ class MiniGPT4(nn.Module):
             prompt_embeds = self.embed_prompt(prompts[index], image_tokens[index : index + 1])  # (Lp, H)
             target_ids = torch.tensor(targets[index], dtype=torch.long, device=self.device)
             rows.append(torch.cat([prompt_embeds, self._embed_ids(targets[index])], dim=0))
-            labels.append(torch.cat([torch.full((len(prompt_embeds),), IGNORE_INDEX, device=self.device), target_ids]))
+            labels.append(
+                torch.cat([torch.full((len(prompt_embeds),), IGNORE_INDEX, device=self.device), target_ids])
+            )
         inputs_embeds, attention_mask = _pad_rows(rows, side="right")
         label_tensor = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device)
         for index, row_labels in enumerate(labels):
@@ -240,7 +248,9 @@ class MiniGPT4(nn.Module):
             output_ids = self._hf_generate(inputs_embeds, attention_mask, config, stop, streamer)
         return [self._finish(row_ids) for row_ids in output_ids]
 
-    def _hf_generate(self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer) -> torch.Tensor:
+    def _hf_generate(
+        self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer
+    ) -> torch.Tensor:
         return self.llama_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -23,7 +23,9 @@ def test_help_lists_every_command():
 
 
 def test_version_via_console_script():
-    out = subprocess.run([sys.executable, "-m", "mgpt4", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mgpt4", "--version"], capture_output=True, text=True, check=True
+    )
     assert __version__ in out.stdout
 
 

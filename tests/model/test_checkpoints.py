@@ -30,9 +30,12 @@ def lavis_blip2_state(model, with_text_branch: bool = True) -> dict[str, torch.T
 
     state = {
         "query_tokens": r(1, spec.num_query_tokens, h),
-        "ln_vision.weight": r(width), "ln_vision.bias": r(width),
-        "Qformer.bert.embeddings.LayerNorm.weight": r(h), "Qformer.bert.embeddings.LayerNorm.bias": r(h),
-        "t5_proj.weight": r(8, h), "t5_proj.bias": r(8),
+        "ln_vision.weight": r(width),
+        "ln_vision.bias": r(width),
+        "Qformer.bert.embeddings.LayerNorm.weight": r(h),
+        "Qformer.bert.embeddings.LayerNorm.bias": r(h),
+        "t5_proj.weight": r(8, h),
+        "t5_proj.bias": r(8),
         "Qformer.bert.embeddings.position_ids": torch.arange(16)[None],
     }
     for n in range(spec.num_layers):
@@ -41,11 +44,16 @@ def lavis_blip2_state(model, with_text_branch: bool = True) -> dict[str, torch.T
             state[f"{layer}attention.self.{name}.weight"] = r(h, h)
             state[f"{layer}attention.self.{name}.bias"] = r(h)
         state |= {
-            f"{layer}attention.output.dense.weight": r(h, h), f"{layer}attention.output.dense.bias": r(h),
-            f"{layer}attention.output.LayerNorm.weight": r(h), f"{layer}attention.output.LayerNorm.bias": r(h),
-            f"{layer}intermediate_query.dense.weight": r(i, h), f"{layer}intermediate_query.dense.bias": r(i),
-            f"{layer}output_query.dense.weight": r(h, i), f"{layer}output_query.dense.bias": r(h),
-            f"{layer}output_query.LayerNorm.weight": r(h), f"{layer}output_query.LayerNorm.bias": r(h),
+            f"{layer}attention.output.dense.weight": r(h, h),
+            f"{layer}attention.output.dense.bias": r(h),
+            f"{layer}attention.output.LayerNorm.weight": r(h),
+            f"{layer}attention.output.LayerNorm.bias": r(h),
+            f"{layer}intermediate_query.dense.weight": r(i, h),
+            f"{layer}intermediate_query.dense.bias": r(i),
+            f"{layer}output_query.dense.weight": r(h, i),
+            f"{layer}output_query.dense.bias": r(h),
+            f"{layer}output_query.LayerNorm.weight": r(h),
+            f"{layer}output_query.LayerNorm.bias": r(h),
         }
         if n % 2 == 0:
             state[f"{layer}crossattention.self.query.weight"] = r(h, h)
@@ -74,7 +82,7 @@ def expected_destination(model, key: str) -> torch.Tensor:
     if key == "query_tokens":
         return model.query_tokens
     if key.startswith("ln_vision."):
-        return model.ln_vision.state_dict()[key[len("ln_vision."):]]
+        return model.ln_vision.state_dict()[key[len("ln_vision.") :]]
     hf = key.replace("Qformer.bert.embeddings.LayerNorm", "layernorm").replace("Qformer.bert.", "")
     hf = hf.replace("attention.self.", "attention.attention.")
     return model.Qformer.state_dict()[hf]
@@ -87,8 +95,12 @@ def test_blip2_loads_every_used_tensor_and_ignores_text_branch(model, tmp_path):
     checkpoints.load_blip2(model, path)
     unused = {k for k in state if k.startswith(("t5_proj", "Qformer.cls"))}
     unused |= {k for k in state if "word_embeddings" in k or "position_ids" in k}
-    unused |= {k for k in state if ".intermediate.dense" in k or ".output.dense" in k.replace("attention.output", "")}
-    unused |= {k for k in state if k.endswith(".output.LayerNorm.weight") and "attention" not in k}  # text FFN
+    unused |= {
+        k for k in state if ".intermediate.dense" in k or ".output.dense" in k.replace("attention.output", "")
+    }
+    unused |= {
+        k for k in state if k.endswith(".output.LayerNorm.weight") and "attention" not in k
+    }  # text FFN
     used = [k for k in state if k not in unused]
     assert len(used) == len(model.Qformer.state_dict()) + 3  # + query_tokens + ln_vision weight/bias
     for key in used:
@@ -103,14 +115,19 @@ def test_blip2_unexpected_and_missing_keys_are_named(model, tmp_path):
         checkpoints.load_blip2(model, tmp_path / "bad.pth")
     del state["Qformer.bert.encoder.layer.1.output_query.dense.weight"]
     torch.save({"model": state}, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointError, match=r"missing\.pth: missing 1 key.*layer\.1\.output_query\.dense\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing\.pth: missing 1 key.*layer\.1\.output_query\.dense\.weight"
+    ):
         checkpoints.load_blip2(model, tmp_path / "missing.pth")
 
 
 def test_official_projection_checkpoint_with_extra_buffers(model, tmp_path):
     proj = model.llama_proj
-    state = {"llama_proj.weight": torch.randn_like(proj.weight), "llama_proj.bias": torch.randn_like(proj.bias),
-             "llama_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    state = {
+        "llama_proj.weight": torch.randn_like(proj.weight),
+        "llama_proj.bias": torch.randn_like(proj.bias),
+        "llama_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+    }
     torch.save({"model": state}, tmp_path / "pretrained_minigpt4_7b.pth")
     checkpoints.load_projection(model, tmp_path / "pretrained_minigpt4_7b.pth")
     torch.testing.assert_close(proj.weight, state["llama_proj.weight"])
@@ -118,8 +135,10 @@ def test_official_projection_checkpoint_with_extra_buffers(model, tmp_path):
 
 
 def test_wrong_shape_names_key_and_file(model, tmp_path):
-    torch.save({"model": {"llama_proj.weight": torch.zeros(5120, 96), "llama_proj.bias": torch.zeros(5120)}},
-               tmp_path / "pretrained_minigpt4.pth")
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(5120, 96), "llama_proj.bias": torch.zeros(5120)}},
+        tmp_path / "pretrained_minigpt4.pth",
+    )
     with pytest.raises(CheckpointError, match=r"pretrained_minigpt4\.pth: 'weight' has shape \(5120, 96\)"):
         checkpoints.load_projection(model, tmp_path / "pretrained_minigpt4.pth")
 

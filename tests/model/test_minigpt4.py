@@ -30,9 +30,20 @@ def official_stage2_loss(model: MiniGPT4, imgs, instruction: str, answers: list[
     tok, embed = model.tokenizer, model.llama_model.get_input_embeddings()
     img = model.encode_images(imgs)  # (B, T, H)
     before, after = stage2_prompt(instruction).split("<ImageHere>")
-    wrapped = [torch.cat([embed(torch.tensor(tok(before, add_special_tokens=False).input_ids)), img[b],
-                          embed(torch.tensor(tok(after, add_special_tokens=False).input_ids))]) for b in range(len(img))]
-    ids = [tok(a, add_special_tokens=False, truncation=True, max_length=model.max_txt_len).input_ids for a in answers]
+    wrapped = [
+        torch.cat(
+            [
+                embed(torch.tensor(tok(before, add_special_tokens=False).input_ids)),
+                img[b],
+                embed(torch.tensor(tok(after, add_special_tokens=False).input_ids)),
+            ]
+        )
+        for b in range(len(img))
+    ]
+    ids = [
+        tok(a, add_special_tokens=False, truncation=True, max_length=model.max_txt_len).input_ids
+        for a in answers
+    ]
     width = max(len(i) for i in ids)
     rows, masks, targets = [], [], []
     for b, prompt in enumerate(wrapped):
@@ -43,15 +54,21 @@ def official_stage2_loss(model: MiniGPT4, imgs, instruction: str, answers: list[
         rows.append(torch.cat([bos, prompt, ans]))
         masks.append(torch.tensor([1] * (1 + len(prompt) + len(ids[b])) + [0] * pad))
         targets.append(torch.tensor([-100] * (1 + len(prompt)) + ids[b] + [-100] * pad))
-    out = model.llama_model(inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks),
-                            labels=torch.stack(targets))
+    out = model.llama_model(
+        inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), labels=torch.stack(targets)
+    )
     return out.loss
 
 
 def test_stage2_loss_matches_official_assembly():
     model = micro()
-    answers = ["a red circle at the top left###", "two shapes: a blue square and a green star on the right###"]
-    ours = model({"image": images(), "text": answers, "prompt": [stage2_prompt(ALIGNMENT_INSTRUCTIONS[1])] * 2})
+    answers = [
+        "a red circle at the top left###",
+        "two shapes: a blue square and a green star on the right###",
+    ]
+    ours = model(
+        {"image": images(), "text": answers, "prompt": [stage2_prompt(ALIGNMENT_INSTRUCTIONS[1])] * 2}
+    )
     reference = official_stage2_loss(model, images(), ALIGNMENT_INSTRUCTIONS[1], answers)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
 
@@ -75,8 +92,10 @@ def test_targets_truncate_to_max_txt_len():
     ids = model.tokenizer(long, add_special_tokens=False).input_ids
     assert len(ids) > 4
     short = model.tokenizer.decode(ids[:4])
-    torch.testing.assert_close(model({"image": images(1), "text": [long]}),
-                               micro(max_txt_len=40)({"image": images(1), "text": [short]}))
+    torch.testing.assert_close(
+        model({"image": images(1), "text": [long]}),
+        micro(max_txt_len=40)({"image": images(1), "text": [short]}),
+    )
 
 
 def greedy_reference(model: MiniGPT4, prompt: str, imgs: torch.Tensor, steps: int) -> list[int]:
@@ -95,7 +114,9 @@ def greedy_reference(model: MiniGPT4, prompt: str, imgs: torch.Tensor, steps: in
 def test_greedy_generation_matches_plain_argmax_loop():
     model = micro().eval()
     prompt = chat_prompt([ChatTurn("what is in the image?", image="x.png")])
-    assert prompt.endswith("Please answer my questions.###Human: <Img><ImageHere></Img> what is in the image?###Assistant: ")
+    assert prompt.endswith(
+        "Please answer my questions.###Human: <Img><ImageHere></Img> what is in the image?###Assistant: "
+    )
     cfg = GenerateConfig(max_new_tokens=12, repetition_penalty=1.0)
     generated = model.generate([prompt], images(1), cfg)[0]
     expected = greedy_reference(model, prompt, images(1), 12)

@@ -32,19 +32,27 @@ def lavis_eva_state(spec: VisionSpec, blocks: int) -> dict[str, torch.Tensor]:
     }
     for i in range(blocks):
         state |= {
-            f"blocks.{i}.norm1.weight": 1 + r(w), f"blocks.{i}.norm1.bias": r(w),
+            f"blocks.{i}.norm1.weight": 1 + r(w),
+            f"blocks.{i}.norm1.bias": r(w),
             f"blocks.{i}.attn.qkv.weight": r(3 * w, w),
-            f"blocks.{i}.attn.q_bias": r(w), f"blocks.{i}.attn.v_bias": r(w),
-            f"blocks.{i}.attn.proj.weight": r(w, w), f"blocks.{i}.attn.proj.bias": r(w),
-            f"blocks.{i}.norm2.weight": 1 + r(w), f"blocks.{i}.norm2.bias": r(w),
-            f"blocks.{i}.mlp.fc1.weight": r(spec.mlp_dim, w), f"blocks.{i}.mlp.fc1.bias": r(spec.mlp_dim),
-            f"blocks.{i}.mlp.fc2.weight": r(w, spec.mlp_dim), f"blocks.{i}.mlp.fc2.bias": r(w),
+            f"blocks.{i}.attn.q_bias": r(w),
+            f"blocks.{i}.attn.v_bias": r(w),
+            f"blocks.{i}.attn.proj.weight": r(w, w),
+            f"blocks.{i}.attn.proj.bias": r(w),
+            f"blocks.{i}.norm2.weight": 1 + r(w),
+            f"blocks.{i}.norm2.bias": r(w),
+            f"blocks.{i}.mlp.fc1.weight": r(spec.mlp_dim, w),
+            f"blocks.{i}.mlp.fc1.bias": r(spec.mlp_dim),
+            f"blocks.{i}.mlp.fc2.weight": r(w, spec.mlp_dim),
+            f"blocks.{i}.mlp.fc2.bias": r(w),
         }
     return state
 
 
 def reference_eva(state: dict[str, torch.Tensor], spec: VisionSpec, images: torch.Tensor) -> torch.Tensor:
-    x = F.conv2d(images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=spec.patch_size)
+    x = F.conv2d(
+        images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=spec.patch_size
+    )
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([state["cls_token"].expand(len(x), -1, -1), x], dim=1) + state["pos_embed"]
     heads, dim = spec.num_heads, spec.width // spec.num_heads
@@ -52,12 +60,18 @@ def reference_eva(state: dict[str, torch.Tensor], spec: VisionSpec, images: torc
         p = {k[len(f"blocks.{i}.") :]: v for k, v in state.items() if k.startswith(f"blocks.{i}.")}
         h = F.layer_norm(x, (spec.width,), p["norm1.weight"], p["norm1.bias"], eps=1e-6)
         bias = torch.cat([p["attn.q_bias"], torch.zeros_like(p["attn.q_bias"]), p["attn.v_bias"]])
-        q, k, v = F.linear(h, p["attn.qkv.weight"], bias).reshape(len(x), -1, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(h, p["attn.qkv.weight"], bias).reshape(len(x), -1, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        )
         attn = ((q * dim**-0.5) @ k.transpose(-2, -1)).softmax(-1)
         h = (attn @ v).transpose(1, 2).reshape(len(x), -1, spec.width)
         x = x + F.linear(h, p["attn.proj.weight"], p["attn.proj.bias"])
         h = F.layer_norm(x, (spec.width,), p["norm2.weight"], p["norm2.bias"], eps=1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
+            p["mlp.fc2.weight"],
+            p["mlp.fc2.bias"],
+        )
     return x  # all tokens, no final norm
 
 
