@@ -8,6 +8,7 @@ code 2 (usage / bad input) or 1 (runtime failure). ``--debug`` shows the traceba
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -118,45 +119,407 @@ def model_info(preset: str, trainable: str, as_json: bool) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
-def download(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """URL lists → img2dataset-compatible WebDataset shards."""
-    _not_available("download", 4)
+@click.argument("args", nargs=-1, metavar="INPUT... [KEY=VALUE]...")
+@click.option("--out", "-o", "output", default=None, help="output folder  [default: shards]")
+@click.option("--url-col", default=None, help="URL column (default: the preset's, else url/URL)")
+@click.option("--caption-col", default=None, help="caption column (default: the preset's, else caption/TEXT)")
+@click.option("--preset", type=click.Choice(["laion", "cc_sbu"]), default=None, help="known column names")
+@click.option("--shard-size", type=int, default=None, help="input rows per shard  [default: 10000]")
+@click.option("--image-size", type=int, default=None, help="target size in pixels  [default: 224]")
+@click.option(
+    "--resize-mode", type=click.Choice(["border", "center_crop", "keep_ratio", "no"]), default=None,
+    help="border (fit + white pad), center_crop, keep_ratio (short side) or no  [default: border]",
+)
+@click.option("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images  [default: 95]")
+@click.option("--min-image-size", type=int, default=None, help="drop images with a shorter side below this")
+@click.option("--processes", type=int, default=None, help="worker processes  [default: one per core]")
+@click.option("--threads", type=int, default=None, help="threads per process  [default: 32]")
+@click.option("--timeout", type=float, default=None, help="seconds per request  [default: 10]")
+@click.option("--retry-failed", is_flag=True, help="re-fetch rows that failed transiently (timeout, 5xx)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress, no summary; errors only")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option("--config", "-c", "config_path", default=None, metavar="RECIPE", help="recipe YAML")
+def download(
+    args: tuple[str, ...], config_path: str | None, quiet: bool, as_json: bool, **flags: Any
+) -> None:
+    """URL lists → img2dataset-compatible WebDataset shards (resumable: rerun the same command).
+
+    INPUT files may be json (list of objects), jsonl, csv, tsv, parquet or txt (URLs only), optionally
+    gzipped. Trailing KEY=VALUE pairs override any setting (e.g. fetch.max_per_host=4); see the
+    saved OUT/download_config.yaml for every key.
+    """
+    import dataclasses
+    import os
+    import re
+
+    from mgpt4.config import load_config
+    from mgpt4.console import is_interactive, setup_logging
+    from mgpt4.data.download import DownloadConfig, run_download
+    from mgpt4.data.download_report import render_summary
+
+    setup_logging(quiet or as_json)
+    is_override = re.compile(r"^[A-Za-z_][\w.]*=")
+    overrides = [a for a in args if is_override.match(a) and not os.path.exists(a)]
+    inputs = [a for a in args if a not in overrides]
+    cfg = load_config(DownloadConfig, config_path, overrides)
+    top_keys = ("output", "url_col", "caption_col", "preset", "shard_size", "processes", "threads")
+    top = {k: flags[k] for k in top_keys if flags[k] is not None}
+    if inputs:
+        top["inputs"] = inputs
+    if flags["retry_failed"]:
+        top["retry_failed"] = True
+    image = {k: flags[f] for k, f in (("size", "image_size"), ("resize_mode", "resize_mode"),
+                                      ("jpeg_quality", "jpeg_quality"), ("min_size", "min_image_size"))}
+    image = {k: v for k, v in image.items() if v is not None}
+    fetch = {"timeout": flags["timeout"]} if flags["timeout"] is not None else {}
+    cfg = dataclasses.replace(cfg, **top, image=dataclasses.replace(cfg.image, **image),
+                              fetch=dataclasses.replace(cfg.fetch, **fetch))
+    cfg.validate()
+    summary = run_download(cfg, show_progress=not quiet and is_interactive())
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        render_summary(summary, console)
+
+
+def _launch_options(fn: Callable) -> Callable:
+    """Process-count and multi-node options shared by pretrain and finetune."""
+    options = [
+        click.option("--gpus", type=int, default=1, show_default=True,
+                     help="processes per node (GPUs; on a CPU machine, gloo processes)"),
+        click.option("--hostfile", type=click.Path(dir_okay=False), help="DeepSpeed hostfile for multi-node"),
+        click.option("--num-nodes", type=int, help="nodes to use from the hostfile"),
+        click.option("--master-addr", help="address of the rank-0 node (multi-node)"),
+        click.option("--master-port", type=int, help="rendezvous port"),
+        click.option("--json", "as_json", is_flag=True, help="print the run summary as JSON on stdout"),
+        click.option("--quiet", "-q", is_flag=True, help="warnings only on stderr"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return _config_options(fn)
+
+
+def _train_command(command: str, stage: int, config_path: str | None, overrides: tuple[str, ...],
+                   init: str | None, flags: dict[str, Any]) -> None:  # fmt: skip
+    from mgpt4.config import load_config
+    from mgpt4.console import setup_logging
+    from mgpt4.train.config import TrainRunConfig
+    from mgpt4.train.launch import LaunchOptions, run_training
+
+    setup_logging(flags["quiet"] or flags["as_json"])
+    extra = [f"stage={stage}"] + ([f"init={init}"] if init else [])
+    cfg = load_config(TrainRunConfig, config_path, [*overrides, *extra])
+    launch = LaunchOptions(flags["gpus"], flags["hostfile"], flags["num_nodes"], flags["master_addr"],
+                           flags["master_port"])  # fmt: skip
+    summary = run_training(cfg, launch, command)
+    if flags["as_json"]:
+        click.echo(json.dumps(summary, indent=2))
+    elif not flags["quiet"]:
+        console.print(f"{command}: {summary['steps']} steps, final loss {summary['final_loss']:.4f} → {summary['run']}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
-def pretrain(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Stage 1: align the projection on image-caption shards."""
-    _not_available("pretrain", 5)
+@_launch_options
+def pretrain(config_path: str | None, overrides: tuple[str, ...], **flags: Any) -> None:
+    """Stage 1: align the projection on image-caption shards (DeepSpeed; rerun to resume)."""
+    _train_command("pretrain", 1, config_path, overrides, None, flags)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
-def finetune(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Stage 2: finetune on the aligned set with the chat template."""
-    _not_available("finetune", 5)
+@click.option("--init", metavar="RUN", help="start from this stage-1 run's (or checkpoint's) weights")
+@_launch_options
+def finetune(config_path: str | None, overrides: tuple[str, ...], init: str | None, **flags: Any) -> None:
+    """Stage 2: finetune on the aligned set with the chat template (DeepSpeed; rerun to resume)."""
+    _train_command("finetune", 2, config_path, overrides, init, flags)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
-def curate(config_path: str | None, overrides: tuple[str, ...]) -> None:
+@cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG path (default RUN/loss.png)")
+def plot(run: str, output: str | None) -> None:
+    """Draw a run's loss curve from its metrics.jsonl."""
+    from mgpt4.train.metrics import plot_loss, read_metrics
+
+    if not read_metrics(run):
+        raise UsageError(f"{run}: no metrics.jsonl lines to plot")
+    click.echo(str(plot_loss(run, output)))
+
+
+class _CurateGroup(click.Group):
+    """``mgpt4 curate [OPTIONS]`` runs the pipeline (subcommand ``run``); ``mgpt4 curate review`` reviews."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        if args and args[0] in self.commands:
+            return super().resolve_command(ctx, args)
+        return "run", self.commands["run"], args
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        run_cmd = self.commands["run"]
+        run_cmd.format_help(click.Context(run_cmd, info_name=ctx.info_name, parent=ctx.parent), formatter)
+        self.format_commands(ctx, formatter)
+
+
+@cli.group(cls=_CurateGroup, context_settings={"ignore_unknown_options": True})
+def curate() -> None:
     """Build the aligned set: describe → Continue → LLM fix → filters → review."""
-    _not_available("curate", 6)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@curate.command("run", context_settings={"ignore_unknown_options": True})
 @_config_options
-def describe(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Describe images, folders, globs or shards (batched; --json for JSONL)."""
-    _not_available("describe", 7)
+@click.option(
+    "--model", "model_source", metavar="RUN_OR_PRESET", help="stage-1 run dir, checkpoint folder or preset"
+)
+@click.option(
+    "--images", metavar="SHARDS_OR_DIR", help="folder of images, or shards (folder/.tar/brace pattern)"
+)
+@click.option(
+    "--out", metavar="DIR", help="output folder: image/ + filter_cap.json + curate.jsonl + report.html"
+)
+@click.option("--num", type=int, help="describe the first N images (default 5000)")
+@click.option("--batch-size", type=int, help="images per generate call (default 8)")
+@click.option("--max-new-tokens", type=int, help="tokens per turn (default 300)")
+@click.option("--device", help="auto, cpu, cuda, cuda:N")
+@click.option(
+    "--fixer", "fixer_backend", metavar="none|rules|openai|hf:PATH", help="fix step backend (default rules)"
+)
+@click.option("--fixer-url", help="openai: base URL …/v1 (default env OPENAI_BASE_URL)")
+@click.option("--fixer-model", help="openai: model name")
+@click.option("--fixer-key", help="openai: API key (default env OPENAI_API_KEY; never saved)")
+@click.option(
+    "--reject", type=click.Path(exists=True, dir_okay=False), help="ids a reviewer rejected (one per line)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option("--quiet", "-q", is_flag=True, help="warnings only on stderr, no summary table")
+def curate_run(
+    config_path: str | None, overrides: tuple[str, ...], as_json: bool, quiet: bool, **flags: Any
+) -> None:
+    """Describe images with the stage-1 model, Continue short answers, fix, filter, write the aligned set.
+
+    Resumable: run the same command again and finished images are skipped.
+    Example: mgpt4 curate --model runs/stage1 --images shards/ --num 5000 --out aligned/ --fixer openai
+    """
+    import dataclasses
+
+    from mgpt4.config import load_config
+    from mgpt4.console import setup_logging
+    from mgpt4.curate.pipeline import CurateConfig, run_curate
+
+    setup_logging(quiet or as_json)
+    cfg = load_config(CurateConfig, config_path, overrides)
+    top = {k: flags[k] for k in ("model_source", "images", "out", "num", "batch_size", "device", "reject")}
+    fixer = {
+        "backend": flags["fixer_backend"],
+        "url": flags["fixer_url"],
+        "model": flags["fixer_model"],
+        "key": flags["fixer_key"],
+    }
+    cfg = dataclasses.replace(
+        cfg,
+        **{k: v for k, v in top.items() if v is not None},
+        fixer=dataclasses.replace(cfg.fixer, **{k: v for k, v in fixer.items() if v is not None}),
+        generate=dataclasses.replace(
+            cfg.generate, max_new_tokens=flags["max_new_tokens"] or cfg.generate.max_new_tokens
+        ),
+    )
+    cfg.validate()
+    summary = _with_progress(lambda progress: run_curate(cfg, progress), "describing", quiet or as_json)
+    _curate_summary(summary, as_json, quiet)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
-def chat(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Multi-turn chat about an image in the terminal (pipe stdin for scripts)."""
-    _not_available("chat", 7)
+@curate.command("review")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the curated folder")
+@click.option(
+    "--reject",
+    type=click.Path(exists=True, dir_okay=False),
+    help="ids to drop, one per line (e.g. from report.html)",
+)
+@click.argument("ids", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option("--quiet", "-q", is_flag=True, help="warnings only on stderr, no summary table")
+def curate_review(out: str, reject: str | None, ids: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Drop the ids a person rejected; rewrite filter_cap.json, image/ and report.html.
+
+    Example: mgpt4 curate review --out aligned/ --reject ids.txt
+    """
+    from mgpt4.console import setup_logging
+    from mgpt4.curate.pipeline import run_review
+    from mgpt4.curate.records import read_ids
+
+    setup_logging(quiet or as_json)
+    wanted = (read_ids(reject) if reject else []) + list(ids)
+    if not wanted:
+        raise UsageError("curate review: give --reject FILE and/or ids to drop")
+    _curate_summary(run_review(out, wanted), as_json, quiet)
+
+
+def _with_progress(work: Callable[[Callable], Any], label: str, quiet: bool) -> Any:
+    """Run ``work(progress)`` with a rich bar on a TTY; plain log lines (from the library) otherwise."""
+    from mgpt4.console import is_interactive
+
+    if quiet or not is_interactive():
+        return work(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _curate_summary(summary: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"curate → {summary['out']}", show_header=True)
+    table.add_column("")
+    table.add_column("images", justify="right")
+    for name in ("images", "accepted", "rejected", "continued"):
+        table.add_row(name, str(summary[name]))
+    for name, count in summary["rejected_by"].items():
+        if count or name not in ("fix_error", "unreadable", "review"):  # every content filter, even at 0
+            table.add_row(f"  rejected by {name}", str(count))
+    console.print(table)
+    console.print(f"set: {summary['filter_cap']}   review: {summary['report']}")
+
+
+def _model_options(fn: Callable) -> Callable:
+    """``--model RUN_OR_PRESET`` plus official weight paths, device and dtype (describe, chat)."""
+    options = [
+        click.option("--model", "-m", "model_source", metavar="RUN_OR_PRESET",
+                     help="run directory, checkpoints/step-N, or a preset (micro, vicuna-7b, …)"),
+        click.option("--vision", metavar="PTH", help="with a preset: LAVIS eva_vit_g.pth"),
+        click.option("--qformer", metavar="PTH", help="with a preset: BLIP-2 blip2_pretrained_flant5xxl.pth"),
+        click.option("--proj", metavar="PTH", help="with a preset: pretrained_minigpt4*.pth or .safetensors"),
+        click.option("--llm", metavar="DIR", help="with a preset: local HF Vicuna / Llama-2-chat directory"),
+        click.option("--device", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N"),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     help="auto: bf16 on CUDA, fp32 on CPU"),
+        click.option("--max-new-tokens", type=int, help="tokens per answer at most (official 300)"),
+        click.option("--num-beams", type=int, help="beam search width (1 = off)"),
+        click.option("--temperature", type=float, help="softmax temperature when sampling (official 1.0)"),
+        click.option("--top-p", type=float, help="nucleus mass when sampling (official 0.9)"),
+        click.option("--repetition-penalty", type=float, help="official demo 1.05"),
+        click.option("--seed", type=int, help="random seed for sampling"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _infer_overrides(flags: dict[str, Any], needs_model: bool) -> list[str]:
+    """The given ``--model``/weights/decoding flags as ``key=value`` overrides (JSON values are YAML)."""
+    keys = {"vision": "model.vision_weights", "qformer": "model.qformer_weights",
+            "proj": "model.proj_weights", "llm": "model.llm_path", "dtype": "model.dtype",
+            "device": "device"}  # fmt: skip
+    for name in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty", "seed"):
+        keys[name] = f"generate.{name}"
+    overrides = _as_overrides(flags, keys)
+    source = flags.get("model_source")
+    if source is not None:
+        from mgpt4.infer.loading import split_model_source
+
+        checkpoint, preset = split_model_source(source)
+        overrides += [f"checkpoint={json.dumps(checkpoint)}"] if checkpoint else [f"model.preset={preset}"]
+    elif needs_model:
+        raise UsageError("--model: give a run directory, checkpoint folder or preset (or a --config recipe)")
+    return overrides
+
+
+def _as_overrides(flags: dict[str, Any], keys: dict[str, str]) -> list[str]:
+    """``key=value`` for every flag that was given (not None); JSON values parse as YAML."""
+    return [f"{key}={json.dumps(flags[flag])}" for flag, key in keys.items() if flags.get(flag) is not None]
+
+
+def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Positional arguments → (inputs, ``key.sub=value`` overrides); an existing path is always an input."""
+    inputs, overrides = [], []
+    for arg in args:
+        is_override = "=" in arg and arg.partition("=")[0].replace(".", "").replace("_", "").isalnum()
+        (overrides if is_override and not os.path.exists(arg) else inputs).append(arg)
+    return inputs, overrides
+
+
+@cli.command()
+@click.argument("args", nargs=-1, metavar="IMG|DIR|GLOB|SHARDS... [KEY=VALUE]...")
+@click.option("--config", "-c", "config_path", metavar="RECIPE", help="recipe YAML (path or built-in name)")
+@_model_options
+@click.option("--prompt", "-p", help="instruction (default: 'Describe this image in detail.')")
+@click.option("--sample", is_flag=True, default=None, help="sample instead of greedy decoding")
+@click.option("--batch-size", "-b", type=int, help="images per generate call (default 8)")
+@click.option("--json", "as_json", is_flag=True, default=None, help="JSONL: image, prompt, text, tokens…")
+@click.option("--output", "-o", metavar="FILE", help="also write the JSONL to FILE")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="no progress or info on stderr")
+def describe(args: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
+    """Describe images, folders, globs or shards (batched; --json for JSONL).
+
+    Greedy by default so scripts get stable output; unreadable images are reported and skipped
+    (exit code 1). Plain text when piped, panels on a terminal, JSONL with --json.
+
+    \b
+    Examples:
+      mgpt4 describe -m runs/stage2 cat.jpg photos/ 'more/**/*.png'
+      mgpt4 describe -m runs/stage2 shards/ -b 16 --json -o captions.jsonl
+      mgpt4 describe -m vicuna-7b --vision eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\
+          --proj pretrained_minigpt4_7b.pth --llm vicuna-7b/ cat.jpg --prompt "What is unusual here?"
+    """
+    from mgpt4.config import load_config
+    from mgpt4.infer.commands import run_describe
+    from mgpt4.infer.describe import DescribeConfig
+
+    inputs, overrides = _split_args(args)
+    keys = {"prompt": "prompt", "sample": "generate.do_sample", "batch_size": "batch_size", "as_json": "json",
+            "output": "output", "quiet": "quiet"}  # fmt: skip
+    given = _as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
+    given += _infer_overrides(flags, needs_model=config_path is None)
+    run_describe(load_config(DescribeConfig, config_path, given + overrides))
+
+
+@cli.command()
+@click.argument("args", nargs=-1, metavar="[IMG] [KEY=VALUE]...")
+@click.option("--config", "-c", "config_path", metavar="RECIPE", help="recipe YAML (path or built-in name)")
+@_model_options
+@click.option("--greedy", is_flag=True, default=None, help="greedy decoding instead of the demo's sampling")
+@click.option("--load", "load_path", metavar="FILE", help="resume a transcript saved with /save")
+@click.option("--no-stream", is_flag=True, default=None, help="print each answer when it is complete")
+@click.option("--json", "as_json", is_flag=True, default=None, help="one JSON line per answer (piped mode)")
+def chat(args: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
+    """Multi-turn chat about an image in the terminal (pipe stdin for scripts).
+
+    Official chat template and demo decoding (sampling, top_p 0.9, repetition_penalty 1.05).
+    Commands: /image PATH, /reset, /save FILE, /set KEY VALUE, /help, /exit; Ctrl-C stops an
+    answer. Lines piped to stdin are turns and the answers go to stdout (--json: one JSON line each).
+
+    \b
+    Examples:
+      mgpt4 chat -m runs/stage2 cat.jpg
+      printf 'what colour is it?\\nwhere is it?\\n' | mgpt4 chat -m runs/stage2 cat.jpg --greedy
+      mgpt4 chat -m runs/stage2 --load chat.json
+    """
+    from mgpt4.config import load_config
+    from mgpt4.infer.chat import ChatConfig
+    from mgpt4.infer.commands import run_chat
+
+    images, overrides = _split_args(args)
+    if len(images) > 1:
+        raise UsageError(f"chat takes one image (got {len(images)}); switch images with /image PATH")
+    flags["image"] = images[0] if images else None
+    flags["greedy"] = False if flags["greedy"] else None  # do_sample = not greedy
+    flags["no_stream"] = False if flags["no_stream"] else None
+    keys = {"image": "image", "greedy": "generate.do_sample", "no_stream": "stream", "as_json": "json",
+            "load_path": "load"}  # fmt: skip
+    given = _as_overrides(flags, keys)
+    given += _infer_overrides(flags, needs_model=config_path is None)
+    run_chat(load_config(ChatConfig, config_path, given + overrides))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -71,7 +71,8 @@ def process_image(
         max_pixels: reject images with more pixels than this before decoding (decompression bombs).
 
     Raises:
-        ImageError: kinds ``not_image``, ``decompression_bomb``, ``too_small``, ``truncated``, ``decode_error``.
+        ImageError: kinds ``not_image``, ``decompression_bomb``, ``too_small``, ``truncated``,
+            ``decode_error``.
     """
     img = _open(data, max_pixels)
     rotated = _orientation(img) in _ROTATED
@@ -114,7 +115,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError("decode_error", f"image header says {width}x{height} pixels")
     if width * height > max_pixels:
         raise ImageError(
-            "decompression_bomb", f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}"
+            "decompression_bomb",
+            f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}",
         )
     return img
 

@@ -28,8 +28,15 @@ from typing import IO, Any, NamedTuple
 from mgpt4.errors import DataError, UsageError
 
 FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "txt")
-_SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-                  ".parquet": "parquet", ".txt": "txt"}
+_SUFFIX_FORMAT = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -67,7 +74,9 @@ def resolve_columns(url_col: str | None, caption_col: str | None, preset: str | 
     if preset is not None and preset not in PRESETS:
         raise UsageError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     base = PRESETS[preset] if preset else _DEFAULT_COLUMNS
-    return Columns(url=(url_col,) if url_col else base.url, caption=(caption_col,) if caption_col else base.caption)
+    return Columns(
+        url=(url_col,) if url_col else base.url, caption=(caption_col,) if caption_col else base.caption
+    )
 
 
 def detect_format(path: str | Path) -> str:
@@ -286,5 +295,11 @@ def _read_txt(path: Path, columns: Columns) -> Iterator[UrlRow]:
                 yield UrlRow(line.strip(), None)
 
 
-_READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "tsv": _read_tsv,
-            "parquet": _read_parquet, "txt": _read_txt}
+_READERS = {
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "tsv": _read_tsv,
+    "parquet": _read_parquet,
+    "txt": _read_txt,
+}

@@ -1,0 +1,1 @@
+"""Training: one DeepSpeed engine for both stages; a stage is a recipe."""

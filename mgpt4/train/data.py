@@ -1,0 +1,119 @@
+"""Per-rank batch streams for both stages, exactly resumable from a small JSON state.
+
+Stage 1: the shard mixture (``mgpt4.data.shards.ShardMixture``), captions through ``blip_caption``
+plus ``"\\n"`` (MG stage-1 ``end_sym``), no text prompt.
+Stage 2: the aligned set in a seeded per-epoch permutation (each rank takes every world_size-th
+item, like ``DistributedSampler``), answer + the preset's end symbol, and one alignment instruction
+drawn per batch in the stage-2 template, as MG does.
+
+Batches are assembled in the training process (no DataLoader workers) because the resume state lives
+in these objects; decoding a micro batch is small next to a model step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from mgpt4.conversation import draw_instruction, stage2_prompt
+from mgpt4.data.aligned import AlignedDataset
+from mgpt4.data.shards import ShardMixture, blip_caption, find_shards
+from mgpt4.model.presets import Preset
+from mgpt4.model.vision import image_transform
+from mgpt4.train.config import TrainRunConfig
+
+STAGE1_END = "\n"  # MG minigpt4.py default end_sym
+
+
+class CaptionBatches:
+    """Stage 1: endless micro batches from the shard mixture."""
+
+    def __init__(self, cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int) -> None:
+        sets = [(find_shards(s.path), s.ratio) for s in cfg.data.shards]
+        self.mixture = ShardMixture(
+            sets,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+            transform=image_transform(preset.vision.image_size),
+            text_processor=blip_caption,
+        )
+        self.batch_size = cfg.data.micro_batch_size
+
+    def next_batch(self) -> dict[str, Any]:
+        samples = [self.mixture.next_sample() for _ in range(self.batch_size)]
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "text": [s["text"] + STAGE1_END for s in samples],
+        }
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.mixture.skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixture": self.mixture.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mixture.load_state_dict(state["mixture"])
+
+
+class InstructionBatches:
+    """Stage 2: epochs over the aligned set, one instruction drawn per batch."""
+
+    def __init__(self, cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int) -> None:
+        self.dataset = AlignedDataset(cfg.data.aligned, image_transform(preset.vision.image_size))
+        self.batch_size = cfg.data.micro_batch_size
+        self.seed, self.rank, self.world_size = cfg.train.seed, rank, world_size
+        self.template, self.end_sym = preset.stage2_template, preset.stage2_end_sym
+        self.epoch, self.position = 0, 0
+        self.instruction_rng = random.Random(f"instructions:{cfg.train.seed}:{rank}")
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        mine = order[self.rank :: self.world_size]
+        return mine or order[: 1]  # more ranks than items: reuse one rather than starve
+
+    def _next_index(self) -> int:
+        if self.position >= len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        index = self._order[self.position]
+        self.position += 1
+        return index
+
+    def next_batch(self) -> dict[str, Any]:
+        items = [self.dataset[self._next_index()] for _ in range(self.batch_size)]
+        prompt = stage2_prompt(draw_instruction(self.instruction_rng), self.template)
+        return {
+            "image": torch.stack([item["image"] for item in items]),
+            "text": [item["text"] + self.end_sym for item in items],
+            "prompt": [prompt] * len(items),
+        }
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.instruction_rng.getstate()
+        return {"epoch": self.epoch, "position": self.position, "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        version, internal, gauss = state["rng"]
+        self.instruction_rng.setstate((version, tuple(internal), gauss))
+        self._order = self._epoch_order()
+
+
+def make_batches(
+    cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int
+) -> CaptionBatches | InstructionBatches:
+    """The batch stream for ``cfg.stage``."""
+    if cfg.stage == 1:
+        return CaptionBatches(cfg, preset, rank, world_size)
+    return InstructionBatches(cfg, preset, rank, world_size)
