@@ -135,7 +135,8 @@ def model_info(preset: str, trainable: str, as_json: bool) -> None:
 @click.option("--processes", type=int, default=None, help="worker processes  [default: one per core]")
 @click.option("--threads", type=int, default=None, help="threads per process  [default: 32]")
 @click.option("--timeout", type=float, default=None, help="seconds per request  [default: 10]")
-@click.option("--retry-failed", is_flag=True, help="re-fetch rows that failed transiently (timeout, 5xx)")
+@click.option("--retry-failed", is_flag=True, default=None,
+              help="re-fetch rows that failed transiently (timeout, 5xx)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress, no summary; errors only")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--config", "-c", "config_path", default=None, metavar="RECIPE", help="recipe YAML")
@@ -148,32 +149,20 @@ def download(
     gzipped. Trailing KEY=VALUE pairs override any setting (e.g. fetch.max_per_host=4); see the
     saved OUT/download_config.yaml for every key.
     """
-    import dataclasses
-    import os
-    import re
-
     from mgpt4.config import load_config
     from mgpt4.console import is_interactive, setup_logging
     from mgpt4.data.download import DownloadConfig, run_download
     from mgpt4.data.download_report import render_summary
 
     setup_logging(quiet or as_json)
-    is_override = re.compile(r"^[A-Za-z_][\w.]*=")
-    overrides = [a for a in args if is_override.match(a) and not os.path.exists(a)]
-    inputs = [a for a in args if a not in overrides]
-    cfg = load_config(DownloadConfig, config_path, overrides)
-    top_keys = ("output", "url_col", "caption_col", "preset", "shard_size", "processes", "threads")
-    top = {k: flags[k] for k in top_keys if flags[k] is not None}
-    if inputs:
-        top["inputs"] = inputs
-    if flags["retry_failed"]:
-        top["retry_failed"] = True
-    image = {k: flags[f] for k, f in (("size", "image_size"), ("resize_mode", "resize_mode"),
-                                      ("jpeg_quality", "jpeg_quality"), ("min_size", "min_image_size"))}
-    image = {k: v for k, v in image.items() if v is not None}
-    fetch = {"timeout": flags["timeout"]} if flags["timeout"] is not None else {}
-    cfg = dataclasses.replace(cfg, **top, image=dataclasses.replace(cfg.image, **image),
-                              fetch=dataclasses.replace(cfg.fetch, **fetch))
+    inputs, overrides = _split_args(args)
+    keys = {name: name for name in ("output", "url_col", "caption_col", "preset", "shard_size", "processes",
+                                    "threads", "retry_failed")}  # fmt: skip
+    keys |= {"image_size": "image.size", "resize_mode": "image.resize_mode",
+             "jpeg_quality": "image.jpeg_quality", "min_image_size": "image.min_size",
+             "timeout": "fetch.timeout"}  # fmt: skip
+    given = _as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
+    cfg = load_config(DownloadConfig, config_path, overrides + given)
     cfg.validate()
     summary = run_download(cfg, show_progress=not quiet and is_interactive())
     if as_json:
@@ -201,6 +190,9 @@ def _launch_options(fn: Callable) -> Callable:
 
 def _train_command(command: str, stage: int, config_path: str | None, overrides: tuple[str, ...],
                    init: str | None, flags: dict[str, Any]) -> None:  # fmt: skip
+    import contextlib
+    import sys
+
     from mgpt4.config import load_config
     from mgpt4.console import setup_logging
     from mgpt4.train.config import TrainRunConfig
@@ -211,11 +203,15 @@ def _train_command(command: str, stage: int, config_path: str | None, overrides:
     cfg = load_config(TrainRunConfig, config_path, [*overrides, *extra])
     launch = LaunchOptions(flags["gpus"], flags["hostfile"], flags["num_nodes"], flags["master_addr"],
                            flags["master_port"])  # fmt: skip
-    summary = run_training(cfg, launch, command)
+    # DeepSpeed prints and logs to stdout; while training, stdout is stderr so that stdout holds only
+    # the summary (--json output stays parseable).
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_training(cfg, launch, command)
     if flags["as_json"]:
         click.echo(json.dumps(summary, indent=2))
     elif not flags["quiet"]:
-        console.print(f"{command}: {summary['steps']} steps, final loss {summary['final_loss']:.4f} → {summary['run']}")
+        loss = summary["final_loss"]
+        console.print(f"{command}: {summary['steps']} steps, final loss {loss:.4f} → {summary['run']}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -298,29 +294,15 @@ def curate_run(
     Resumable: run the same command again and finished images are skipped.
     Example: mgpt4 curate --model runs/stage1 --images shards/ --num 5000 --out aligned/ --fixer openai
     """
-    import dataclasses
-
     from mgpt4.config import load_config
     from mgpt4.console import setup_logging
     from mgpt4.curate.pipeline import CurateConfig, run_curate
 
     setup_logging(quiet or as_json)
-    cfg = load_config(CurateConfig, config_path, overrides)
-    top = {k: flags[k] for k in ("model_source", "images", "out", "num", "batch_size", "device", "reject")}
-    fixer = {
-        "backend": flags["fixer_backend"],
-        "url": flags["fixer_url"],
-        "model": flags["fixer_model"],
-        "key": flags["fixer_key"],
-    }
-    cfg = dataclasses.replace(
-        cfg,
-        **{k: v for k, v in top.items() if v is not None},
-        fixer=dataclasses.replace(cfg.fixer, **{k: v for k, v in fixer.items() if v is not None}),
-        generate=dataclasses.replace(
-            cfg.generate, max_new_tokens=flags["max_new_tokens"] or cfg.generate.max_new_tokens
-        ),
-    )
+    keys = {name: name for name in ("model_source", "images", "out", "num", "batch_size", "device", "reject")}
+    keys |= {"fixer_backend": "fixer.backend", "fixer_url": "fixer.url", "fixer_model": "fixer.model",
+             "fixer_key": "fixer.key", "max_new_tokens": "generate.max_new_tokens"}  # fmt: skip
+    cfg = load_config(CurateConfig, config_path, [*overrides, *_as_overrides(flags, keys)])
     cfg.validate()
     summary = _with_progress(lambda progress: run_curate(cfg, progress), "describing", quiet or as_json)
     _curate_summary(summary, as_json, quiet)
@@ -524,9 +506,30 @@ def chat(args: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @_config_options
-def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """The whole lifecycle on the built-in shapes data set, on CPU, with a measured score."""
-    _not_available("demo", 8)
+@click.option("--quick", is_flag=True, help="smaller and faster (about 2 minutes), as CI runs it")
+@click.option("--out", default=None, help="output folder  [default: runs/demo]")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option("--quiet", "-q", is_flag=True, help="warnings only on stderr")
+def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, out: str | None, as_json: bool,
+         quiet: bool) -> None:  # fmt: skip
+    """The whole lifecycle on the built-in shapes data set, on CPU, with a measured score.
+
+    download (loopback HTTP) → pretrain → curate → finetune → describe + score. Leaves RUN/stage2 for
+    `mgpt4 describe --model runs/demo/stage2 IMG` and `mgpt4 chat --model runs/demo/stage2`.
+    """
+    from mgpt4.config import load_config
+    from mgpt4.console import setup_logging
+    from mgpt4.demo import DemoConfig, run_demo
+    from mgpt4.demo_report import render_demo, stage_banner
+
+    setup_logging(quiet or as_json)
+    extra = (["quick=true"] if quick else []) + ([f"out={out}"] if out else [])
+    cfg = load_config(DemoConfig, config_path, [*overrides, *extra])
+    summary = run_demo(cfg, on_stage=None if (quiet or as_json) else stage_banner)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        render_demo(summary, console)
 
 
 # --------------------------------------------------------------------------------------------------

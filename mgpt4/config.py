@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,24 @@ import yaml
 from mgpt4.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans: only true/false, so ``resize_mode: no`` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (no code, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -43,7 +62,7 @@ class ModelConfig:
     """Which MiniGPT-4 to build and where its weights come from."""
 
     preset: str = field(
-        "micro", doc="model size: micro, vicuna-7b, vicuna-13b, llama2-7b (`mgpt4 model info`)"
+        "micro", doc="model size: micro, micro-patches, vicuna-7b, vicuna-13b, llama2-7b (`mgpt4 model info`)"
     )
     vision_weights: str | None = field(None, doc="LAVIS eva_vit_g.pth (EVA ViT-g/14); None = random init")
     qformer_weights: str | None = field(
@@ -73,6 +92,9 @@ class GenerateConfig:
     top_p: float = field(0.9, doc="nucleus sampling mass when sampling")
     repetition_penalty: float = field(1.05, doc="penalty on already generated tokens (official demo 1.05)")
     max_length: int = field(2000, doc="context limit; older embeddings are cut past it (official 2000)")
+    stop: list[str] = field(
+        default_factory=lambda: ["###"], doc="a row ends at the first of these strings (official: ###)"
+    )
     seed: int = field(42, doc="random seed for sampling")
 
 
@@ -92,7 +114,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=3e-5)")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else raw)
     return from_dict(cls, data)
 
 
@@ -100,7 +122,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe YAML from a path, or a built-in one by name (``micro_stage1``)."""
     file = resolve_recipe_path(path)
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = parse_yaml(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):

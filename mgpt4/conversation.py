@@ -69,9 +69,11 @@ def split_at_images(prompt: str) -> list[str]:
     return prompt.split(IMAGE_PLACEHOLDER)
 
 
-def clean_answer(text: str) -> str:
-    """Post-process generated text like the official chat: cut at ``###``, drop a role prefix."""
-    return text.split(STOP_STRING)[0].split("Assistant:")[-1].strip()
+def clean_answer(text: str, stops: tuple[str, ...] | list[str] = (STOP_STRING,)) -> str:
+    """Post-process generated text like the official chat: cut at the stop string, drop a role prefix."""
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text.split("Assistant:")[-1].strip()
 
 
 @dataclasses.dataclass

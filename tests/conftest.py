@@ -12,6 +12,10 @@ from mgpt4.config import ModelConfig
 from mgpt4.model.build import build_model, save_model_dir
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than 20 s; runs by default and in CI")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     """Reset seeds and the default dtype around every test."""

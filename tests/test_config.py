@@ -78,3 +78,8 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(_Run, path)
     assert again == cfg
     assert yaml.safe_load(path.read_text())["model"]["llm_path"] == "/models/vicuna"
+def test_yaml12_booleans_keep_words_like_no_as_strings():
+    from mgpt4.config import parse_yaml
+
+    assert parse_yaml("no") == "no" and parse_yaml("off") == "off"
+    assert parse_yaml("true") is True and parse_yaml("[yes, false]") == ["yes", False]

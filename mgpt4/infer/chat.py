@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from PIL import Image, UnidentifiedImageError
 
-from mgpt4.config import GenerateConfig, ModelConfig, field, from_dict, to_dict
+from mgpt4.config import GenerateConfig, ModelConfig, field, from_dict, parse_yaml, to_dict
 from mgpt4.conversation import ChatTurn, chat_prompt, clean_answer, split_at_images
 from mgpt4.errors import ConfigError, DataError, UsageError
 from mgpt4.infer.describe import IMAGE_SUFFIXES
@@ -191,7 +190,7 @@ class ChatSession:
         """
         if key not in SETTABLE:
             raise ConfigError(f"/set: unknown key '{key}'; choose one of {', '.join(SETTABLE)}")
-        data = to_dict(self.config) | {key: yaml.safe_load(value) if value else value}
+        data = to_dict(self.config) | {key: parse_yaml(value) if value else value}
         config = from_dict(type(self.config), data, "")
         if config.num_beams < 1 or config.max_new_tokens < 1 or config.temperature <= 0:
             raise ConfigError(f"/set {key}: num_beams, max_new_tokens and temperature must be positive")

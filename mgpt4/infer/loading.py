@@ -16,7 +16,7 @@ from mgpt4.config import ModelConfig
 from mgpt4.errors import UsageError
 from mgpt4.model.build import build_model, load_model_dir, resolve_dtype
 from mgpt4.model.minigpt4 import MiniGPT4
-from mgpt4.model.presets import PRESETS
+from mgpt4.model.presets import PRESETS, get_preset
 
 log = logging.getLogger("mgpt4.infer")
 
@@ -79,7 +79,7 @@ def load_model(model_cfg: ModelConfig, checkpoint: str | None = None, device: st
         return model
     cfg = dataclasses.replace(model_cfg, grad_checkpointing=False)
     random_parts = [name for name, value in _weight_paths(cfg).items() if not value and name != "--proj"]
-    if random_parts and cfg.preset != "micro":
+    if random_parts and not get_preset(cfg.preset).from_scratch:
         log.warning(
             "preset %s without %s: those parts have random weights", cfg.preset, ", ".join(random_parts)
         )

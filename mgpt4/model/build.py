@@ -16,10 +16,9 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mgpt4.config import ModelConfig, from_dict, save_config
+from mgpt4.config import ModelConfig, from_dict, parse_yaml, save_config
 from mgpt4.errors import CheckpointError, UsageError
 from mgpt4.model import checkpoints
 from mgpt4.model.minigpt4 import TRAINABLE_GROUPS, MiniGPT4
@@ -84,7 +83,7 @@ def _build_llm(
     tokenizer = (
         load_tokenizer(tokenizer_dir) if tokenizer_dir else build_micro_tokenizer(preset.llm.vocab_size)
     )
-    vocab = len(tokenizer) if preset.name == "micro" else max(preset.llm.vocab_size, len(tokenizer))
+    vocab = len(tokenizer) if preset.from_scratch else max(preset.llm.vocab_size, len(tokenizer))
     config = llama_config(preset.llm, vocab, cfg.attn_implementation)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -176,7 +175,7 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     file = Path(folder) / "config.yaml"
     if not file.is_file():
         raise UsageError(f"{file}: missing — a model folder needs its config.yaml")
-    data = yaml.safe_load(file.read_text()) or {}
+    data = parse_yaml(file.read_text()) or {}
     return from_dict(ModelConfig, data.get("model", {}), "model.")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from mgpt4.config import GenerateConfig
-from mgpt4.conversation import IMAGE_PLACEHOLDER, STOP_STRING, clean_answer, split_at_images
+from mgpt4.conversation import IMAGE_PLACEHOLDER, clean_answer, split_at_images
 from mgpt4.errors import UsageError
 from mgpt4.model.presets import Preset
 from mgpt4.model.qformer import build_qformer
@@ -239,14 +239,15 @@ class MiniGPT4(nn.Module):
         # MG answer_prepare: keep the last (max_length - max_new_tokens) positions of the context.
         keep = max(1, config.max_length - config.max_new_tokens)
         inputs_embeds, attention_mask = _pad_rows([row[-keep:] for row in rows], side="left")
-        stop = _StopOnString(self.tokenizer, STOP_STRING, self.device)
+        stops = tuple(config.stop)
+        stop = _StopOnString(self.tokenizer, stops, self._vocab_size(), self.device)
         if config.do_sample:
             torch.manual_seed(config.seed)
         with warnings.catch_warnings():
             # With inputs_embeds the penalty covers generated tokens only — as in the official code.
             warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
             output_ids = self._hf_generate(inputs_embeds, attention_mask, config, stop, streamer)
-        return [self._finish(row_ids) for row_ids in output_ids]
+        return [self._finish(row_ids, stops) for row_ids in output_ids]
 
     def _hf_generate(
         self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer
@@ -268,62 +269,84 @@ class MiniGPT4(nn.Module):
             streamer=streamer,
         )
 
-    def _finish(self, ids: torch.Tensor) -> Generation:
-        """Cut a row at EOS/pad or at the end of its stop string; count the answer's tokens."""
+    def _vocab_size(self) -> int:
+        return max(len(self.tokenizer), self.llama_model.get_input_embeddings().num_embeddings)
+
+    def _finish(self, ids: torch.Tensor, stops: tuple[str, ...]) -> Generation:
+        """Cut a row at EOS/pad or at the end of its first stop string; count the answer's tokens."""
         special = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        can_end = _tokens_containing(self.tokenizer, STOP_STRING[-1])
+        can_end = _tokens_containing(self.tokenizer, _last_chars(stops), self._vocab_size())
         kept: list[int] = []
         stop_tokens = 0
         for token in ids.tolist():
             if token in special:
                 break
             kept.append(token)
-            if token < len(can_end) and can_end[token]:
-                stop_tokens = _tail_containing(self.tokenizer, kept, STOP_STRING)
+            if can_end[token]:
+                stop_tokens = _tail_containing(self.tokenizer, kept, stops)
                 if stop_tokens:
                     break
         raw = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(text=clean_answer(raw), tokens=len(kept) - stop_tokens, raw=raw)
+        return Generation(text=clean_answer(raw, stops), tokens=len(kept) - stop_tokens, raw=raw)
 
 
-def _tail_containing(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: str, window: int = 8) -> int:
-    """Fewest trailing tokens whose text contains ``stop`` (0 if none within ``window``)."""
+def _last_chars(stops: tuple[str, ...]) -> str:
+    return "".join(sorted({stop[-1] for stop in stops if stop}))
+
+
+def _tail_containing(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tuple[str, ...], window: int = 8
+) -> int:
+    """Fewest trailing tokens whose text contains one of ``stops`` (0 if none within ``window``)."""
     for count in range(1, min(window, len(ids)) + 1):
-        if stop in tokenizer.decode(ids[-count:], skip_special_tokens=True):
+        tail = tokenizer.decode(ids[-count:], skip_special_tokens=True)
+        if any(stop in tail for stop in stops):
             return count
     return 0
 
 
 class _StopOnString(StoppingCriteria):
-    """Per-row stop once the generated text of that row contains ``stop`` (e.g. ``###``).
+    """Per-row stop once the generated text of that row contains a stop string (e.g. ``###``).
 
     Checking decoded text instead of token ids handles every way the LLM may spell ``###``
     (MG lists two Llama encodings, [835] and [2277, 29937]). Decoding every row at every step
     cost ~20% of batch-8 decode time on an H100, so a row's tail is decoded only when its newest
-    token holds the stop string's last character.
+    token holds a stop string's last character.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: tuple[str, ...],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = stops
         self.window = 8
-        self.can_end = _tokens_containing(tokenizer, stop[-1]).to(device)
+        self.can_end = _tokens_containing(tokenizer, _last_chars(stops), vocab_size).to(device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        if input_ids.shape[1] == 0:
+        if input_ids.shape[1] == 0 or not self.stops:
             return done
-        last = input_ids[:, -1].clamp(max=len(self.can_end) - 1)
-        for row in self.can_end[last].nonzero().flatten().tolist():
+        for row in self.can_end[input_ids[:, -1]].nonzero().flatten().tolist():
             tail = self.tokenizer.decode(input_ids[row, -self.window :], skip_special_tokens=True)
-            done[row] = self.stop in tail
+            done[row] = any(stop in tail for stop in self.stops)
         return done
 
 
 @functools.lru_cache(maxsize=8)
-def _tokens_containing(tokenizer: PreTrainedTokenizerBase, char: str) -> torch.Tensor:
-    """Boolean mask over the vocabulary: tokens whose text contains ``char`` (computed once)."""
-    return torch.tensor([char in tokenizer.decode([i]) for i in range(len(tokenizer))], dtype=torch.bool)
+def _tokens_containing(tokenizer: PreTrainedTokenizerBase, chars: str, vocab_size: int) -> torch.Tensor:
+    """Boolean mask over the model's vocabulary: tokens whose text holds one of ``chars`` (computed once).
+
+    Ids past the tokenizer's length (a padded embedding table) decode to nothing: False.
+    """
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        mask[token_id] = any(char in text for char in chars)
+    return mask
 
 
 def _pad_rows(rows: Sequence[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:

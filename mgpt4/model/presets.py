@@ -71,6 +71,8 @@ class Preset:
     stage2_template: str = "###Human: {} ###Assistant: "  # MG minigpt4_stage2_finetune.yaml
     stage2_end_sym: str = "###"
     chat_style: str = "vicuna0"  # MG conversation.py CONV_VISION_Vicuna0
+    # Micro presets have no released LLM: the LLM is random and sized to the small built tokenizer.
+    from_scratch: bool = False
 
     @property
     def llm_input_width(self) -> int:
@@ -109,17 +111,31 @@ LLAMA_7B = LLMSpec(4096, 32, 32, 11008, 32000, 2048, 1e-6)
 LLAMA_13B = LLMSpec(5120, 40, 40, 13824, 32000, 2048, 1e-6)
 LLAMA2_7B = LLMSpec(4096, 32, 32, 11008, 32000, 4096, 1e-5)
 
+MICRO_VISION = VisionSpec(image_size=64, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=256)
+MICRO_LLM = LLMSpec(128, 2, 4, 352, 1024, 512, 1e-6)  # vocab: at most; the built tokenizer decides
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
             name="micro",
-            description="a few million parameters; trains from scratch on 2 CPU cores in minutes",
-            vision=VisionSpec(image_size=64, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=256),
+            description="a few million parameters with a Q-Former; trains from scratch on 2 CPU cores",
+            vision=MICRO_VISION,
             qformer=QFormerSpec(
                 hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, num_query_tokens=8
             ),
-            llm=LLMSpec(128, 2, 4, 352, 1024, 512, 1e-6),  # vocab: the built micro tokenizer's size
+            llm=MICRO_LLM,
+            from_scratch=True,
+        ),
+        Preset(
+            name="micro-patches",
+            description="micro without a Q-Former (merged ViT patches, like the Llama-2 MiniGPT-4); "
+            "learns the demo's shapes fastest",
+            vision=MICRO_VISION,
+            qformer=None,
+            llm=MICRO_LLM,
+            merge_patches=4,
+            from_scratch=True,
         ),
         Preset(
             name="vicuna-7b",

@@ -57,7 +57,9 @@ def save(engine, model, cfg: TrainRunConfig, run: Path, step: int, batches, rank
     if rank == 0:
         with _gathered(model, cfg):
             save_model_dir(model, cfg.model, folder, header=f"mgpt4 describe --model {folder}")
-    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, client_state={"step": step})
+    engine.save_checkpoint(
+        str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, client_state={"step": step}
+    )
     state = {"step": step, "data": batches.state_dict(), "rng": _rng_state()}
     tmp = folder / f"state_rank{rank}.json.tmp"
     tmp.write_text(json.dumps(state))

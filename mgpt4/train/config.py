@@ -8,6 +8,7 @@ format (caption + "\\n" vs instruction template + answer + "###"). Official valu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from mgpt4.config import ModelConfig, field
@@ -54,7 +55,7 @@ class TrainConfig:
     max_steps: int = field(20000, doc="optimizer steps in total (official stage 1: 4 x 5000)")
     gradient_accumulation_steps: int = field(1, doc="micro batches per optimizer step")
     precision: str = field("auto", doc="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    zero: str = field("zero2", doc="DeepSpeed ZeRO recipe: zero1, zero2, zero3, zero2_offload, or a JSON path")
+    zero: str = field("zero2", doc="DeepSpeed ZeRO recipe: zero1, zero2, zero3, zero2_offload or a JSON path")
     seed: int = field(42, doc="random seed (model init, data order, instruction draws)")
     log_every: int = field(10, doc="write a metrics.jsonl line every N steps")
     save_every: int = field(1000, doc="checkpoint every N steps (and at the end)")
@@ -67,9 +68,9 @@ class TrainConfig:
 class TrainRunConfig:
     """``mgpt4 pretrain`` / ``mgpt4 finetune``."""
 
-    stage: int = field(1, doc="1 = caption pretraining on shards, 2 = instruction finetuning on the aligned set")
+    stage: int = field(1, doc="1 = caption pretraining on shards, 2 = instruction finetuning on aligned data")
     out: str = field("runs/stage1", doc="run directory: config.yaml, metrics.jsonl, checkpoints/")
-    init: str | None = field(None, doc="start from this run's / checkpoint's saved weights (stage 2: the stage-1 run)")
+    init: str | None = field(None, doc="start from a run's or checkpoint's weights (stage 2: a stage-1 run)")
     model: ModelConfig = field(default_factory=ModelConfig, doc="the model")
     data: DataConfig = field(default_factory=DataConfig, doc="training data")
     optim: OptimConfig = field(default_factory=OptimConfig, doc="optimizer and schedule")
@@ -93,10 +94,13 @@ class TrainRunConfig:
 
     def check_paths(self) -> None:
         """Data and init paths exist and the preset is known (raises ``UsageError`` naming the key)."""
-        get_preset(self.model.preset)
+        try:
+            get_preset(self.model.preset)
+        except UsageError as exc:
+            raise UsageError(f"model.preset: {exc}") from exc
         if self.stage == 1:
             if not self.data.shards:
-                raise UsageError("data.shards: stage 1 needs at least one shard set (data.shards=[{path: ...}])")
+                raise UsageError("data.shards: stage 1 needs a shard set (data.shards=[{path: ...}])")
             from mgpt4.data.shards import find_shards
 
             for index, shard_set in enumerate(self.data.shards):
@@ -112,3 +116,5 @@ class TrainRunConfig:
             from mgpt4.model.build import resolve_model_dir
 
             resolve_model_dir(self.init)
+        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise UsageError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")

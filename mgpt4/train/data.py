@@ -12,6 +12,8 @@ in these objects; decoding a micro batch is small next to a model step.
 
 from __future__ import annotations
 
+import collections
+import logging
 import random
 from typing import Any
 
@@ -20,9 +22,12 @@ import torch
 from mgpt4.conversation import draw_instruction, stage2_prompt
 from mgpt4.data.aligned import AlignedDataset
 from mgpt4.data.shards import ShardMixture, blip_caption, find_shards
+from mgpt4.errors import DataError
 from mgpt4.model.presets import Preset
 from mgpt4.model.vision import image_transform
 from mgpt4.train.config import TrainRunConfig
+
+log = logging.getLogger("mgpt4.train")
 
 STAGE1_END = "\n"  # MG minigpt4.py default end_sym
 
@@ -70,6 +75,7 @@ class InstructionBatches:
         self.template, self.end_sym = preset.stage2_template, preset.stage2_end_sym
         self.epoch, self.position = 0, 0
         self.instruction_rng = random.Random(f"instructions:{cfg.train.seed}:{rank}")
+        self._skipped: collections.Counter = collections.Counter()
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
@@ -86,8 +92,18 @@ class InstructionBatches:
         self.position += 1
         return index
 
+    def _next_item(self) -> dict[str, Any]:
+        """The next readable item; an unreadable image is skipped and counted, never fatal."""
+        for _ in range(len(self.dataset)):
+            try:
+                return self.dataset[self._next_index()]
+            except DataError as exc:
+                self._skipped["bad_image"] += 1
+                log.warning("skipped: %s", exc)
+        raise DataError(f"{self.dataset.root}: no readable image in a whole pass over the aligned set")
+
     def next_batch(self) -> dict[str, Any]:
-        items = [self.dataset[self._next_index()] for _ in range(self.batch_size)]
+        items = [self._next_item() for _ in range(self.batch_size)]
         prompt = stage2_prompt(draw_instruction(self.instruction_rng), self.template)
         return {
             "image": torch.stack([item["image"] for item in items]),
@@ -97,14 +113,16 @@ class InstructionBatches:
 
     @property
     def skipped(self) -> dict[str, int]:
-        return {}
+        return dict(self._skipped)
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.instruction_rng.getstate()
-        return {"epoch": self.epoch, "position": self.position, "rng": [version, list(internal), gauss]}
+        return {"epoch": self.epoch, "position": self.position, "rng": [version, list(internal), gauss],
+                "skipped": dict(self._skipped)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+        self._skipped = collections.Counter(state.get("skipped", {}))
         version, internal, gauss = state["rng"]
         self.instruction_rng.setstate((version, tuple(internal), gauss))
         self._order = self._epoch_order()

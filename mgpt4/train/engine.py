@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.train import checkpointing
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.data import make_batches
+from mgpt4.train.launch import free_port
 from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss, truncate_metrics
 from mgpt4.train.schedule import lr_at
 
@@ -37,6 +38,7 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     """Train ``cfg`` in this process (one rank of however many were launched); returns a summary."""
     import deepspeed
 
+    _log_deepspeed_to_stderr(deepspeed)
     rank, world_size = _init_distributed(deepspeed)
     run = Path(cfg.out)
     model = _setup_model(cfg)
@@ -64,25 +66,31 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     return summary
 
 
+def _log_deepspeed_to_stderr(deepspeed) -> None:
+    """DeepSpeed's logger writes to the stdout of its import time; stdout is for the --json summary."""
+    for handler in deepspeed.utils.logging.logger.handlers:
+        if type(handler) is logging.StreamHandler:  # its own handler, not e.g. pytest's capture handlers
+            handler.setStream(sys.stderr)
+
+
 def _init_distributed(deepspeed) -> tuple[int, int]:
     """Join the launcher's process group, or make a one-process group (gloo on CPU)."""
     if "RANK" not in os.environ:
         os.environ.update(
             {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
+             "MASTER_PORT": str(free_port())}
         )  # fmt: skip
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op with g++ at start-up
+            # (about a minute on 2 cores, redone whenever its build cache is invalidated). ZeRO's
+            # collectives run on gloo without it, so skip it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _setup_model(cfg: TrainRunConfig) -> MiniGPT4:
@@ -121,8 +129,8 @@ def deepspeed_config(cfg: TrainRunConfig, world_size: int) -> dict[str, Any]:
         "optimizer": {
             "type": "AdamW",
             # FusedAdam needs CUDA; torch's AdamW is DeepSpeed's CPU choice.
-            "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "weight_decay": optim.weight_decay,
-                       "torch_adam": not on_cuda},
+            "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2],
+                       "weight_decay": optim.weight_decay, "torch_adam": not on_cuda},
         },
         "steps_per_print": 10**9,
     }  # fmt: skip
@@ -198,7 +206,8 @@ def _train_loop(cfg, engine, model, batches, metrics, run, start_step, rank, wor
 
 
 def _target_tokens(model: MiniGPT4, texts: list[str]) -> int:
-    ids = model.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=model.max_txt_len).input_ids
+    tokenizer = model.tokenizer
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=model.max_txt_len).input_ids
     return sum(len(row) for row in ids)
 
 

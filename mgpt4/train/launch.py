@@ -9,6 +9,7 @@ hostfile and pdsh/ssh). On a CPU-only machine the launcher starts N gloo process
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,15 @@ def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> di
         raise UsageError(f"--hostfile {launch.hostfile}: no such file")
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(cfg, run / "config.yaml", header=f"mgpt4 {command} --config {run / 'config.yaml'}")
+    header = f"mgpt4 {command} --config {run / 'config.yaml'}"
+    config_path = save_config(cfg, run / "config.yaml", header=header)
     if not launch.distributed:
         from mgpt4.train.engine import run_worker
 
         return run_worker(cfg)
-    result = subprocess.run(launcher_command(launch, config_path), check=False)
+    # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2) so
+    # that stdout holds only the summary (--json).
+    result = subprocess.run(launcher_command(launch, config_path), stdout=2, check=False)
     if result.returncode != 0:
         raise Mgpt4Error(f"training processes exited with code {result.returncode}; see the log above")
     metrics = read_metrics(run)
@@ -60,13 +64,23 @@ def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> di
 
 def launcher_command(launch: LaunchOptions, config_path: Path) -> list[str]:
     """The ``deepspeed`` launcher command line for the worker module."""
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch.gpus), "--no_local_rank"]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch.gpus)]
+    command += ["--no_local_rank"]
     if launch.hostfile:
         command += ["--hostfile", launch.hostfile]
     if launch.num_nodes:
         command += ["--num_nodes", str(launch.num_nodes)]
     if launch.master_addr:
         command += ["--master_addr", launch.master_addr]
-    if launch.master_port:
-        command += ["--master_port", str(launch.master_port)]
+    # One machine: a free port, so concurrent runs (tests, two users) do not collide on 29500.
+    port = launch.master_port or (None if launch.hostfile else free_port())
+    if port:
+        command += ["--master_port", str(port)]
     return command + ["--module", "mgpt4.train.worker", "--config", str(config_path)]
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (for a one-machine rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

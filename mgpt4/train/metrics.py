@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mgpt4.console import err_console, is_interactive
 
@@ -47,7 +54,9 @@ def truncate_metrics(run: Path, after_step: int) -> None:
 class MetricsLog:
     """Rank-0 writer of ``metrics.jsonl`` plus progress: a rich bar on a TTY, log lines otherwise."""
 
-    def __init__(self, run: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, run: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool
+    ) -> None:
         self.enabled = enabled
         self.file = (run / METRICS_FILE).open("a") if enabled else None
         self.progress: Progress | None = None

@@ -175,3 +175,17 @@ def test_llama2_variant_has_no_qformer_and_merges_patches():
 def test_official_presets_have_official_shapes():
     assert PRESETS["vicuna-7b"].vision.depth == 39 and PRESETS["vicuna-7b"].num_image_tokens == 32
     assert PRESETS["llama2-7b"].llm_input_width == 5632 and PRESETS["llama2-7b"].num_image_tokens == 64
+
+
+def test_generation_stops_at_any_configured_stop_string():
+    model = micro().eval()
+    cfg = GenerateConfig(max_new_tokens=30, repetition_penalty=1.0, stop=[])
+    free = model.generate([stage2_prompt(ALIGNMENT_INSTRUCTIONS[0])], images(1), cfg)[0]
+    assert free.tokens == 30  # nothing stops a random model
+    first_char = free.raw.strip()[0]
+    stopped = model.generate(
+        [stage2_prompt(ALIGNMENT_INSTRUCTIONS[0])],
+        images(1),
+        GenerateConfig(max_new_tokens=30, repetition_penalty=1.0, stop=[first_char]),
+    )[0]
+    assert stopped.tokens < 30 and first_char not in stopped.text
