@@ -31,9 +31,10 @@ def render_demo(summary: dict[str, Any], console: Console) -> None:
     console.print(stages)
     score = summary["score"]
     table = Table(title=f"score on {score['n']} held-out test images", title_justify="left")
-    for column in ("shape", "colour", "position", "count", "all correct", "exact"):
+    keys = ("accuracy", "shape", "colour", "position", "count", "correct", "exact")
+    for column in ("accuracy", "shape", "colour", "position", "count", "all correct", "exact"):
         table.add_column(column, justify="right")
-    table.add_row(*(f"{score[k]:.2f}" for k in ("shape", "colour", "position", "count", "correct", "exact")))
+    table.add_row(*(f"{score[k]:.2f}" for k in keys))
     console.print(table)
     console.print(
         "The micro preset trains every module from scratch (no pretrained micro ViT/LLM exists); with the "

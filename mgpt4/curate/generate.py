@@ -43,9 +43,9 @@ class Description:
         return self.continuation is not None
 
 
-def continue_prompt(answer: str) -> str:
+def continue_prompt(answer: str, prompt: str = CURATE_PROMPT) -> str:
     """The second turn: the first exchange, then ``###Human: Continue ###Assistant: ``."""
-    return CURATE_PROMPT + answer + CONTINUE_TURN
+    return prompt + answer + CONTINUE_TURN
 
 
 def describe_batch(
@@ -53,6 +53,7 @@ def describe_batch(
     images: torch.Tensor,
     config: GenerateConfig,
     min_tokens: int = CONTINUE_MIN_TOKENS,
+    prompt: str = CURATE_PROMPT,
 ) -> list[Description]:
     """Describe a batch of images; answers under ``min_tokens`` tokens are continued once.
 
@@ -61,15 +62,16 @@ def describe_batch(
         images: (B, 3, H, W) transformed images.
         config: decoding settings for both turns.
         min_tokens: the Continue threshold, counted in LLM tokens (``Generation.tokens``).
+        prompt: the first-turn prompt with one ``<ImageHere>`` (default: the paper's).
     """
     start = time.perf_counter()
-    first = model.generate([CURATE_PROMPT] * len(images), images, config)
+    first = model.generate([prompt] * len(images), images, config)
     per_row = (time.perf_counter() - start) / max(1, len(images))
     rows = [Description(g.text, g.tokens, seconds_first=per_row) for g in first]
     short = [i for i, g in enumerate(first) if g.tokens < min_tokens]
     if short:
         start = time.perf_counter()
-        prompts = [continue_prompt(rows[i].first) for i in short]
+        prompts = [continue_prompt(rows[i].first, prompt) for i in short]
         more = model.generate(prompts, images[short], config)
         per_row = (time.perf_counter() - start) / len(short)
         for index, generation in zip(short, more, strict=True):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mgpt4.config import GenerateConfig, ModelConfig, field, save_config
-from mgpt4.conversation import CONTINUE_MIN_TOKENS
+from mgpt4.conversation import CONTINUE_MIN_TOKENS, CURATE_PROMPT, IMAGE_PLACEHOLDER
 from mgpt4.curate import records
 from mgpt4.curate.filters import FILTER_NAMES, FilterConfig, Verdict, normalize, run_filters
 from mgpt4.curate.fix import Fixer, FixerConfig, FixResult, fix_many, make_fixer
@@ -54,6 +54,9 @@ class CurateConfig:
     num: int = field(5000, doc="describe the first N images in a fixed order (paper: ~5,000)")
     batch_size: int = field(8, doc="images per generate call")
     device: str = field("auto", doc="auto, cpu, cuda, cuda:N")
+    prompt: str = field(
+        CURATE_PROMPT, doc="first-turn prompt with one <ImageHere> (the paper's; adapt for other templates)"
+    )
     continue_min_tokens: int = field(
         CONTINUE_MIN_TOKENS, doc="answers under this many tokens get a Continue turn"
     )
@@ -70,6 +73,8 @@ class CurateConfig:
             raise UsageError(f"num: must be ≥ 1, got {self.num}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size: must be ≥ 1, got {self.batch_size}")
+        if self.prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise UsageError(f"prompt: needs exactly one {IMAGE_PLACEHOLDER}, got {self.prompt!r}")
         self.fixer.validate()
         self.filters.validate()
 
@@ -204,7 +209,9 @@ def _process_batch(
     if not readable:
         return rows
     with torch.inference_mode():
-        descriptions = describe_batch(model, torch.stack(images), cfg.generate, cfg.continue_min_tokens)
+        descriptions = describe_batch(
+            model, torch.stack(images), cfg.generate, cfg.continue_min_tokens, cfg.prompt
+        )
     fixes = fix_many(fixer, [d.text for d in descriptions], cfg.fixer.workers if fixer.uses_llm else 1)
     for source, description, fixed in zip(readable, descriptions, fixes, strict=True):
         record = _record(source, description, fixed, fixer, seen, cfg.filters)

@@ -111,7 +111,7 @@ LLAMA_7B = LLMSpec(4096, 32, 32, 11008, 32000, 2048, 1e-6)
 LLAMA_13B = LLMSpec(5120, 40, 40, 13824, 32000, 2048, 1e-6)
 LLAMA2_7B = LLMSpec(4096, 32, 32, 11008, 32000, 4096, 1e-5)
 
-MICRO_VISION = VisionSpec(image_size=64, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=256)
+MICRO_VISION = VisionSpec(image_size=64, patch_size=8, width=96, depth=3, num_heads=4, mlp_dim=256)
 MICRO_LLM = LLMSpec(128, 2, 4, 352, 1024, 512, 1e-6)  # vocab: at most; the built tokenizer decides
 
 PRESETS: dict[str, Preset] = {
