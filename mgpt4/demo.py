@@ -42,7 +42,7 @@ class DemoConfig:
     """``mgpt4 demo``: sizes of each stage (``quick`` shrinks them for CI)."""
 
     out: str = field("runs/demo", doc="output folder (replaced if it holds an earlier demo)")
-    quick: bool = field(False, doc="a smaller, faster run for CI (about 2 minutes)")
+    quick: bool = field(False, doc="a smaller, faster run for CI (about 2.5 minutes)")
     seed: int = field(0, doc="data set seed")
     train_images: int = field(6000, doc="images downloaded for stage 1")
     curate_images: int = field(1000, doc="held-out images described by the stage-1 model for curation")
@@ -56,7 +56,7 @@ class DemoConfig:
             return self
         return dataclasses.replace(
             self, train_images=min(self.train_images, 3000), curate_images=min(self.curate_images, 500),
-            test_images=min(self.test_images, 50), stage1_steps=min(self.stage1_steps, 600),
+            test_images=min(self.test_images, 50), stage1_steps=min(self.stage1_steps, 750),
             stage2_steps=min(self.stage2_steps, 150),
         )  # fmt: skip
 
@@ -117,6 +117,7 @@ def run_demo(
         "quick": cfg.quick,
         "stages": [dataclasses.asdict(s) for s in stages],
         "total_seconds": sum(s.seconds for s in stages),
+        "example_image": str(out / "data" / "test" / f"{test_samples[0].key}.jpg"),
         "score": scores,
     }
     (out / "score.json").write_text(json.dumps(summary, indent=2))

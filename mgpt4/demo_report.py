@@ -39,6 +39,6 @@ def render_demo(summary: dict[str, Any], console: Console) -> None:
     console.print(
         "The micro preset trains every module from scratch (no pretrained micro ViT/LLM exists); with the "
         "official presets only llama_proj trains.\n"
-        f"Try: mgpt4 describe --model {summary['out']}/stage2 {summary['out']}/data/test/test-000300.jpg\n"
+        f"Try: mgpt4 describe --model {summary['out']}/stage2 {summary['example_image']}\n"
         f"     mgpt4 chat --model {summary['out']}/stage2"
     )
