@@ -113,8 +113,13 @@ class TrainRunConfig:
             if not (Path(self.data.aligned) / "filter_cap.json").is_file():
                 raise UsageError(f"data.aligned: {self.data.aligned}/filter_cap.json not found")
         if self.init is not None:
-            from mgpt4.model.build import resolve_model_dir
+            from mgpt4.model.build import read_model_config, resolve_model_dir
 
-            resolve_model_dir(self.init)
+            init_preset = read_model_config(resolve_model_dir(self.init)).preset
+            if init_preset != self.model.preset:
+                raise UsageError(
+                    f"init: {self.init} holds a {init_preset} model but model.preset is {self.model.preset}; "
+                    f"set model.preset={init_preset}"
+                )
         if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UsageError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")

@@ -152,6 +152,7 @@ def test_openai_fixer_pipeline_end_to_end(micro_model_dir, image_dir, openai_ser
     assert len(AlignedDataset(out)) == 2
     result = CliRunner().invoke(cli, [
         "finetune", "--config", "micro_stage2", "--init", micro_model_dir, f"data.aligned={out}",
+        "model.preset=micro",
         f"out={tmp_path / 'stage2'}", "train.max_steps=2", "data.micro_batch_size=2", "train.save_every=2",
         "train.log_every=1", "--json",
     ])  # fmt: skip
