@@ -76,10 +76,7 @@ def _log_deepspeed_to_stderr(deepspeed) -> None:
 def _init_distributed(deepspeed) -> tuple[int, int]:
     """Join the launcher's process group, or make a one-process group (gloo on CPU)."""
     if "RANK" not in os.environ:
-        os.environ.update(
-            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}
-        )  # fmt: skip
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it, even alone
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
@@ -87,7 +84,15 @@ def _init_distributed(deepspeed) -> tuple[int, int]:
             # (about a minute on 2 cores, redone whenever its build cache is invalidated). ZeRO's
             # collectives run on gloo without it, so skip it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if "RANK" in os.environ:  # started by a launcher: its env rendezvous
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        else:
+            # One process of our own: a private TCP rendezvous rather than RANK/MASTER_* variables,
+            # which would leak into every process this one starts later.
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{free_port()}",
+                rank=0, world_size=1,
+            )  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
