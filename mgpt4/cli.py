@@ -525,7 +525,12 @@ def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, out: 
     setup_logging(quiet or as_json)
     extra = (["quick=true"] if quick else []) + ([f"out={out}"] if out else [])
     cfg = load_config(DemoConfig, config_path, [*overrides, *extra])
-    summary = run_demo(cfg, on_stage=(lambda name, what: None) if (quiet or as_json) else stage_banner)
+    import contextlib
+    import sys
+
+    # DeepSpeed prints to stdout; with --json only the summary goes there.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = run_demo(cfg, on_stage=(lambda name, what: None) if (quiet or as_json) else stage_banner)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
