@@ -7,14 +7,19 @@ item, like ``DistributedSampler``), answer + the preset's end symbol, and one al
 drawn per batch in the stage-2 template, as MG does.
 
 Batches are assembled in the training process (no DataLoader workers) because the resume state lives
-in these objects; decoding a micro batch is small next to a model step.
+in these objects. ``Prefetched`` builds the next batches on a background thread while the model steps
+(JPEG decoding and PIL resizing release the GIL), and hands each batch over together with the stream
+state *after* it, so a checkpoint still resumes at exactly the first batch not yet trained on.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import logging
+import queue
 import random
+import threading
 from typing import Any
 
 import torch
@@ -82,7 +87,7 @@ class InstructionBatches:
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         mine = order[self.rank :: self.world_size]
-        return mine or order[: 1]  # more ranks than items: reuse one rather than starve
+        return mine or order[:1]  # more ranks than items: reuse one rather than starve
 
     def _next_index(self) -> int:
         if self.position >= len(self._order):
@@ -135,3 +140,70 @@ def make_batches(
     if cfg.stage == 1:
         return CaptionBatches(cfg, preset, rank, world_size)
     return InstructionBatches(cfg, preset, rank, world_size)
+
+
+def make_prefetched_batches(cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int) -> Prefetched:
+    """``make_batches`` built ahead on a background thread (see ``Prefetched``)."""
+    return Prefetched(make_batches(cfg, preset, rank, world_size))
+
+
+class Prefetched:
+    """Wraps a batch stream: up to ``depth`` batches are built ahead on a daemon thread.
+
+    ``state_dict`` and ``skipped`` describe the batches handed out so far, not the ones built ahead,
+    so checkpoints are the same as without prefetching. ``load_state_dict`` must come before the
+    first ``next_batch``. An error while building a batch is raised by the ``next_batch`` that
+    would have returned it.
+    """
+
+    def __init__(self, batches: CaptionBatches | InstructionBatches, depth: int = 2) -> None:
+        self.batches = batches
+        self.depth = depth
+        self._state = copy.deepcopy(batches.state_dict())
+        self._skipped = batches.skipped
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self.batches.next_batch(), copy.deepcopy(self.batches.state_dict()),
+                        self.batches.skipped)  # fmt: skip
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next_batch(self) -> dict[str, Any]:
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=self.depth)
+            threading.Thread(target=self._produce, name="mgpt4-batches", daemon=True).start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state, self._skipped = item
+        return batch
+
+    def close(self) -> None:
+        """Stop the producer thread (batches built ahead are dropped)."""
+        self._stop.set()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self._skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._queue is not None:
+            raise RuntimeError("load_state_dict after prefetching started")
+        self.batches.load_state_dict(state)
+        self._state = copy.deepcopy(self.batches.state_dict())
+        self._skipped = self.batches.skipped

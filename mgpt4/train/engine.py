@@ -26,7 +26,7 @@ from mgpt4.model.checkpoints import TRAINABLE_FILE, load_weights
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.train import checkpointing
 from mgpt4.train.config import TrainRunConfig
-from mgpt4.train.data import make_batches
+from mgpt4.train.data import make_prefetched_batches
 from mgpt4.train.launch import free_port
 from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss, truncate_metrics
 from mgpt4.train.schedule import lr_at
@@ -42,7 +42,7 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     rank, world_size = _init_distributed(deepspeed)
     run = Path(cfg.out)
     model = _setup_model(cfg)
-    batches = make_batches(cfg, model.preset, rank, world_size)
+    batches = make_prefetched_batches(cfg, model.preset, rank, world_size)
     resume_dir = checkpointing.latest_step_dir(run)
     if resume_dir is not None:
         checkpointing.restore_weights(model, resume_dir)
@@ -57,6 +57,7 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     try:
         last = _train_loop(cfg, engine, model, batches, metrics, run, start_step, rank, world_size)
     finally:
+        batches.close()
         metrics.close()
     if rank == 0 and cfg.train.plot and last is not None:
         plot_loss(run)

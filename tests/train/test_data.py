@@ -10,10 +10,11 @@ from helpers.train_data import write_shape_aligned, write_shape_shards
 
 from mgpt4.config import ModelConfig, load_config
 from mgpt4.conversation import STAGE2_TEMPLATE
+from mgpt4.errors import DataError
 from mgpt4.model.build import build_model
 from mgpt4.model.presets import get_preset
 from mgpt4.train.config import TrainRunConfig
-from mgpt4.train.data import make_batches
+from mgpt4.train.data import Prefetched, make_batches
 from mgpt4.train.engine import _param_groups
 
 PRESET = get_preset("micro")
@@ -49,6 +50,36 @@ def test_resume_continues_the_same_stream(stage, data):
     resumed = make_batches(cfg, PRESET, 0, 1)
     resumed.load_state_dict(state)
     assert [_key(resumed.next_batch()) for _ in range(4)] == expected[2:]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_prefetched_stream_checkpoints_what_was_handed_out(stage, data):
+    cfg = _config(stage, data)
+    straight = make_batches(cfg, PRESET, 0, 1)
+    expected = [_key(straight.next_batch()) for _ in range(6)]
+    ahead = Prefetched(make_batches(cfg, PRESET, 0, 1), depth=3)
+    assert [_key(ahead.next_batch()) for _ in range(2)] == expected[:2]
+    state = json.loads(json.dumps(ahead.state_dict()))  # taken while later batches were built ahead
+    ahead.close()
+    resumed = Prefetched(make_batches(cfg, PRESET, 0, 1))
+    resumed.load_state_dict(state)
+    assert [_key(resumed.next_batch()) for _ in range(4)] == expected[2:]
+    resumed.close()
+
+
+def test_prefetched_stream_raises_a_build_error_in_the_caller(data):
+    class Broken:
+        skipped: dict = {}
+
+        def state_dict(self):
+            return {}
+
+        def next_batch(self):
+            raise DataError("shard-000.tar: truncated")
+
+    stream = Prefetched(Broken())
+    with pytest.raises(DataError, match="truncated"):
+        stream.next_batch()
 
 
 def test_stage_texts(data):
