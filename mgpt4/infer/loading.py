@@ -14,7 +14,7 @@ import torch
 
 from mgpt4.config import ModelConfig
 from mgpt4.errors import UsageError
-from mgpt4.model.build import build_model, load_model_dir, resolve_dtype
+from mgpt4.model.build import build_model, load_model_dir, resolve_dtype, weight_sources
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.presets import PRESETS, get_preset
 
@@ -89,12 +89,8 @@ def load_model(model_cfg: ModelConfig, checkpoint: str | None = None, device: st
 
 
 def _weight_paths(cfg: ModelConfig) -> dict[str, str | None]:
-    return {
-        "--vision": cfg.vision_weights,
-        "--qformer": cfg.qformer_weights,
-        "--proj": cfg.proj_weights,
-        "--llm": cfg.llm_path,
-    }
+    """``weight_sources`` named by the CLI options that set them (``--vision`` …)."""
+    return {f"--{group}": path for group, path in weight_sources(cfg).items()}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
