@@ -52,16 +52,16 @@ def test_resume_continues_the_same_stream(stage, data):
     assert [_key(resumed.next_batch()) for _ in range(4)] == expected[2:]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_prefetched_stream_checkpoints_what_was_handed_out(stage, data):
+@pytest.mark.parametrize(("stage", "depth"), [(1, 3), (2, 3), (1, 0), (2, 0)])
+def test_prefetched_stream_checkpoints_what_was_handed_out(stage, depth, data):
     cfg = _config(stage, data)
     straight = make_batches(cfg, PRESET, 0, 1)
     expected = [_key(straight.next_batch()) for _ in range(6)]
-    ahead = Prefetched(make_batches(cfg, PRESET, 0, 1), depth=3)
+    ahead = Prefetched(make_batches(cfg, PRESET, 0, 1), depth=depth)
     assert [_key(ahead.next_batch()) for _ in range(2)] == expected[:2]
     state = json.loads(json.dumps(ahead.state_dict()))  # taken while later batches were built ahead
     ahead.close()
-    resumed = Prefetched(make_batches(cfg, PRESET, 0, 1))
+    resumed = Prefetched(make_batches(cfg, PRESET, 0, 1), depth=depth)
     resumed.load_state_dict(state)
     assert [_key(resumed.next_batch()) for _ in range(4)] == expected[2:]
     resumed.close()
