@@ -3,12 +3,12 @@
 Each command is a thin shell. Library code never prints to stdout for scripts or calls ``sys.exit``;
 it returns data or raises an ``Mgpt4Error``, which ``main`` turns into one line on stderr and exit
 code 2 (usage / bad input) or 1 (runtime failure). ``--debug`` shows the traceback instead.
+``describe`` and ``chat`` live in ``mgpt4.infer.cli``; shared argument helpers in ``mgpt4.cli_options``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +16,10 @@ from typing import Any
 import click
 
 from mgpt4 import __version__
+from mgpt4.cli_options import as_overrides, config_options, split_args
 from mgpt4.console import console, err_console
 from mgpt4.errors import Mgpt4Error, UsageError
+from mgpt4.infer.cli import chat, describe
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -36,19 +38,6 @@ class _Mgpt4Group(click.Group):
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             ctx.exit(130)
-
-
-def _config_options(fn: Callable) -> Callable:
-    """``--config recipe.yaml`` plus trailing ``key.sub=value`` overrides."""
-    fn = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(fn)
-    return click.option(
-        "--config", "-c", "config_path", default=None, metavar="RECIPE",
-        help="recipe YAML (a path, or a built-in name from `mgpt4 recipes`)",
-    )(fn)
-
-
-def _not_available(name: str, issue: int) -> None:
-    raise UsageError(f"`mgpt4 {name}` is not available yet in this build (tracked in issue {issue})")
 
 
 @click.group(cls=_Mgpt4Group, context_settings=CONTEXT_SETTINGS)
@@ -155,13 +144,13 @@ def download(
     from mgpt4.data.download_report import render_summary
 
     setup_logging(quiet or as_json)
-    inputs, overrides = _split_args(args)
+    inputs, overrides = split_args(args)
     keys = {name: name for name in ("output", "url_col", "caption_col", "preset", "shard_size", "processes",
                                     "threads", "retry_failed")}  # fmt: skip
     keys |= {"image_size": "image.size", "resize_mode": "image.resize_mode",
              "jpeg_quality": "image.jpeg_quality", "min_image_size": "image.min_size",
              "timeout": "fetch.timeout"}  # fmt: skip
-    given = _as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
+    given = as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
     cfg = load_config(DownloadConfig, config_path, overrides + given)
     cfg.validate()
     summary = run_download(cfg, show_progress=not quiet and is_interactive())
@@ -185,7 +174,7 @@ def _launch_options(fn: Callable) -> Callable:
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
-    return _config_options(fn)
+    return config_options(fn)
 
 
 def _train_command(command: str, stage: int, config_path: str | None, overrides: tuple[str, ...],
@@ -261,7 +250,7 @@ def curate() -> None:
 
 
 @curate.command("run", context_settings={"ignore_unknown_options": True})
-@_config_options
+@config_options
 @click.option(
     "--model", "model_source", metavar="RUN_OR_PRESET", help="stage-1 run dir, checkpoint folder or preset"
 )
@@ -302,7 +291,7 @@ def curate_run(
     keys = {name: name for name in ("model_source", "images", "out", "num", "batch_size", "device", "reject")}
     keys |= {"fixer_backend": "fixer.backend", "fixer_url": "fixer.url", "fixer_model": "fixer.model",
              "fixer_key": "fixer.key", "max_new_tokens": "generate.max_new_tokens"}  # fmt: skip
-    cfg = load_config(CurateConfig, config_path, [*overrides, *_as_overrides(flags, keys)])
+    cfg = load_config(CurateConfig, config_path, [*overrides, *as_overrides(flags, keys)])
     cfg.validate()
     summary = _with_progress(lambda progress: run_curate(cfg, progress), "describing", quiet or as_json)
     _curate_summary(summary, as_json, quiet)
@@ -374,138 +363,8 @@ def _curate_summary(summary: dict[str, Any], as_json: bool, quiet: bool) -> None
     console.print(f"set: {summary['filter_cap']}   review: {summary['report']}")
 
 
-def _model_options(fn: Callable) -> Callable:
-    """``--model RUN_OR_PRESET`` plus official weight paths, device and dtype (describe, chat)."""
-    options = [
-        click.option("--model", "-m", "model_source", metavar="RUN_OR_PRESET",
-                     help="run directory, checkpoints/step-N, or a preset (micro, vicuna-7b, …)"),
-        click.option("--vision", metavar="PTH", help="with a preset: LAVIS eva_vit_g.pth"),
-        click.option("--qformer", metavar="PTH", help="with a preset: BLIP-2 blip2_pretrained_flant5xxl.pth"),
-        click.option("--proj", metavar="PTH", help="with a preset: pretrained_minigpt4*.pth or .safetensors"),
-        click.option("--llm", metavar="DIR", help="with a preset: local HF Vicuna / Llama-2-chat directory"),
-        click.option("--device", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N"),
-        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     help="auto: bf16 on CUDA, fp32 on CPU"),
-        click.option("--max-new-tokens", type=int, help="tokens per answer at most (official 300)"),
-        click.option("--num-beams", type=int, help="beam search width (1 = off)"),
-        click.option("--temperature", type=float, help="softmax temperature when sampling (official 1.0)"),
-        click.option("--top-p", type=float, help="nucleus mass when sampling (official 0.9)"),
-        click.option("--repetition-penalty", type=float, help="official demo 1.05"),
-        click.option("--seed", type=int, help="random seed for sampling"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _infer_overrides(flags: dict[str, Any], needs_model: bool) -> list[str]:
-    """The given ``--model``/weights/decoding flags as ``key=value`` overrides (JSON values are YAML)."""
-    keys = {"vision": "model.vision_weights", "qformer": "model.qformer_weights",
-            "proj": "model.proj_weights", "llm": "model.llm_path", "dtype": "model.dtype",
-            "device": "device"}  # fmt: skip
-    for name in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty", "seed"):
-        keys[name] = f"generate.{name}"
-    overrides = _as_overrides(flags, keys)
-    source = flags.get("model_source")
-    if source is not None:
-        from mgpt4.infer.loading import split_model_source
-
-        checkpoint, preset = split_model_source(source)
-        overrides += [f"checkpoint={json.dumps(checkpoint)}"] if checkpoint else [f"model.preset={preset}"]
-    elif needs_model:
-        raise UsageError("--model: give a run directory, checkpoint folder or preset (or a --config recipe)")
-    return overrides
-
-
-def _as_overrides(flags: dict[str, Any], keys: dict[str, str]) -> list[str]:
-    """``key=value`` for every flag that was given (not None); JSON values parse as YAML."""
-    return [f"{key}={json.dumps(flags[flag])}" for flag, key in keys.items() if flags.get(flag) is not None]
-
-
-def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Positional arguments → (inputs, ``key.sub=value`` overrides); an existing path is always an input."""
-    inputs, overrides = [], []
-    for arg in args:
-        is_override = "=" in arg and arg.partition("=")[0].replace(".", "").replace("_", "").isalnum()
-        (overrides if is_override and not os.path.exists(arg) else inputs).append(arg)
-    return inputs, overrides
-
-
-@cli.command()
-@click.argument("args", nargs=-1, metavar="IMG|DIR|GLOB|SHARDS... [KEY=VALUE]...")
-@click.option("--config", "-c", "config_path", metavar="RECIPE", help="recipe YAML (path or built-in name)")
-@_model_options
-@click.option("--prompt", "-p", help="instruction (default: 'Describe this image in detail.')")
-@click.option("--sample", is_flag=True, default=None, help="sample instead of greedy decoding")
-@click.option("--batch-size", "-b", type=int, help="images per generate call (default 8)")
-@click.option("--json", "as_json", is_flag=True, default=None, help="JSONL: image, prompt, text, tokens…")
-@click.option("--output", "-o", metavar="FILE", help="also write the JSONL to FILE")
-@click.option("--quiet", "-q", is_flag=True, default=None, help="no progress or info on stderr")
-def describe(args: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
-    """Describe images, folders, globs or shards (batched; --json for JSONL).
-
-    Greedy by default so scripts get stable output; unreadable images are reported and skipped
-    (exit code 1). Plain text when piped, panels on a terminal, JSONL with --json.
-
-    \b
-    Examples:
-      mgpt4 describe -m runs/stage2 cat.jpg photos/ 'more/**/*.png'
-      mgpt4 describe -m runs/stage2 shards/ -b 16 --json -o captions.jsonl
-      mgpt4 describe -m vicuna-7b --vision eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\
-          --proj pretrained_minigpt4_7b.pth --llm vicuna-7b/ cat.jpg --prompt "What is unusual here?"
-    """
-    from mgpt4.config import load_config
-    from mgpt4.infer.commands import run_describe
-    from mgpt4.infer.describe import DescribeConfig
-
-    inputs, overrides = _split_args(args)
-    keys = {"prompt": "prompt", "sample": "generate.do_sample", "batch_size": "batch_size", "as_json": "json",
-            "output": "output", "quiet": "quiet"}  # fmt: skip
-    given = _as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
-    given += _infer_overrides(flags, needs_model=config_path is None)
-    run_describe(load_config(DescribeConfig, config_path, given + overrides))
-
-
-@cli.command()
-@click.argument("args", nargs=-1, metavar="[IMG] [KEY=VALUE]...")
-@click.option("--config", "-c", "config_path", metavar="RECIPE", help="recipe YAML (path or built-in name)")
-@_model_options
-@click.option("--greedy", is_flag=True, default=None, help="greedy decoding instead of the demo's sampling")
-@click.option("--load", "load_path", metavar="FILE", help="resume a transcript saved with /save")
-@click.option("--no-stream", is_flag=True, default=None, help="print each answer when it is complete")
-@click.option("--json", "as_json", is_flag=True, default=None, help="one JSON line per answer (piped mode)")
-def chat(args: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
-    """Multi-turn chat about an image in the terminal (pipe stdin for scripts).
-
-    Official chat template and demo decoding (sampling, top_p 0.9, repetition_penalty 1.05).
-    Commands: /image PATH, /reset, /save FILE, /set KEY VALUE, /help, /exit; Ctrl-C stops an
-    answer. Lines piped to stdin are turns and the answers go to stdout (--json: one JSON line each).
-
-    \b
-    Examples:
-      mgpt4 chat -m runs/stage2 cat.jpg
-      printf 'what colour is it?\\nwhere is it?\\n' | mgpt4 chat -m runs/stage2 cat.jpg --greedy
-      mgpt4 chat -m runs/stage2 --load chat.json
-    """
-    from mgpt4.config import load_config
-    from mgpt4.infer.chat import ChatConfig
-    from mgpt4.infer.commands import run_chat
-
-    images, overrides = _split_args(args)
-    if len(images) > 1:
-        raise UsageError(f"chat takes one image (got {len(images)}); switch images with /image PATH")
-    flags["image"] = images[0] if images else None
-    flags["greedy"] = False if flags["greedy"] else None  # do_sample = not greedy
-    flags["no_stream"] = False if flags["no_stream"] else None
-    keys = {"image": "image", "greedy": "generate.do_sample", "no_stream": "stream", "as_json": "json",
-            "load_path": "load"}  # fmt: skip
-    given = _as_overrides(flags, keys)
-    given += _infer_overrides(flags, needs_model=config_path is None)
-    run_chat(load_config(ChatConfig, config_path, given + overrides))
-
-
 @cli.command(context_settings={"ignore_unknown_options": True})
-@_config_options
+@config_options
 @click.option("--quick", is_flag=True, help="smaller and faster (about 2 minutes), as CI runs it")
 @click.option("--out", default=None, help="output folder  [default: runs/demo]")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
@@ -535,6 +394,10 @@ def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, out: 
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         render_demo(summary, console)
+
+
+cli.add_command(describe)
+cli.add_command(chat)
 
 
 # --------------------------------------------------------------------------------------------------
