@@ -30,13 +30,13 @@ ACCEPTED_DIR = "image"  # cc_sbu_align layout: image/{image_id}.jpg
 REJECTED_DIR = "rejected"
 
 
-def read_journal(out: Path) -> list[dict[str, Any]]:
-    """All complete records of ``out/curate.jsonl`` (a torn last line is removed from the file).
+def read_journal(out: Path, name: str = JOURNAL) -> list[dict[str, Any]]:
+    """All complete records of ``out/curate.jsonl`` (or ``out/name``); a torn last line is cut off.
 
     Raises:
         DataError: a line in the middle of the file is not JSON.
     """
-    path = out / JOURNAL
+    path = out / name
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -60,18 +60,18 @@ def read_journal(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def append_records(out: Path, records: Iterable[dict[str, Any]]) -> None:
+def append_records(out: Path, records: Iterable[dict[str, Any]], name: str = JOURNAL) -> None:
     """Append records and make them durable before returning (flush + fsync)."""
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(out / JOURNAL, "a", encoding="utf-8") as handle:
+    with open(out / name, "a", encoding="utf-8") as handle:
         handle.write(lines)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def rewrite_journal(out: Path, records: Iterable[dict[str, Any]]) -> None:
+def rewrite_journal(out: Path, records: Iterable[dict[str, Any]], name: str = JOURNAL) -> None:
     """Replace the journal atomically (temp file + rename), e.g. after a review or a re-fix."""
-    path = out / JOURNAL
+    path = out / name
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         for record in records:
