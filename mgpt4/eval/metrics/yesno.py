@@ -20,7 +20,7 @@ _AFFIRMATIONS = frozenset({"yes", "yeah", "yep", "correct", "true"})
 def parse_yes_no(answer: str) -> str:
     """``"yes"`` or ``"no"`` for a model's answer (see the module doc for the rule)."""
     first = re.split(r"(?<=[a-z0-9])[.!?](?:\s|$)", answer.strip().lower(), maxsplit=1)[0]
-    words = re.findall(r"[a-z]+(?:n't)?", first.replace("\u2019", "'"))
+    words = re.findall(r"[a-z]+(?:'[a-z]+)?", first.replace("\u2019", "'"))
     if words and words[0] in _AFFIRMATIONS:
         return "yes"
     if words and words[0] in _NEGATIONS:
