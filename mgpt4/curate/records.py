@@ -60,10 +60,10 @@ def read_journal(out: Path, name: str = JOURNAL) -> list[dict[str, Any]]:
     return records
 
 
-def append_records(out: Path, records: Iterable[dict[str, Any]], name: str = JOURNAL) -> None:
+def append_records(out: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append records and make them durable before returning (flush + fsync)."""
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(out / name, "a", encoding="utf-8") as handle:
+    with open(out / JOURNAL, "a", encoding="utf-8") as handle:
         handle.write(lines)
         handle.flush()
         os.fsync(handle.fileno())

@@ -41,7 +41,8 @@ def render_report(records: Sequence[dict[str, Any]], summary: dict[str, Any], pr
     )
     notes = "".join(f"<p>{html.escape(n)}</p>" for n in summary.get("notes", []))
     model = html.escape(json_line(summary.get("model", {})))
-    cards = "\n".join(_card(r, primary, out) for r in ordered)
+    root = out.resolve()
+    cards = "\n".join(_card(r, primary, root) for r in ordered)
     title = f"mgpt4 eval {summary.get('task', '')}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -78,12 +79,13 @@ def _number(value: Any) -> str:
 
 
 def _image_src(record: dict[str, Any], out: Path) -> str | None:
+    """A link to the item's image relative to the (resolved) output folder, or its thumbnail."""
     if record.get("thumb"):
         return record["thumb"]
     image = Path(record["image"])
     if not image.is_absolute() or "#" in record["image"]:
         return None
-    relative = os.path.relpath(image, out.resolve())
+    relative = os.path.relpath(image, out)
     return urllib.parse.quote(relative.replace(os.sep, "/"))
 
 

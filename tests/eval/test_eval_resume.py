@@ -144,3 +144,68 @@ def test_compare_two_runs(micro_model, tmp_path, monkeypatch):
     assert json.dumps(table.to_json())  # plain data, ready for --json
     with pytest.raises(UsageError, match="scores.json: not found"):
         compare(tmp_path / "a", tmp_path / "missing")
+
+
+def test_unreadable_images_are_left_out_then_answered_once_they_exist(micro_model, photo_dir, tmp_path):
+    import shutil
+
+    from helpers.eval_runs import write_lines
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (0, 1):
+        shutil.copy(photo_dir / f"img{i}.jpg", images / f"img{i}.jpg")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    rows = [
+        {"image": name, "question": "What is it?", "answer": "a shape"}
+        for name in ("img0.jpg", "broken.jpg", "img1.jpg", "img2.jpg")
+    ]
+    cfg = EvalConfig(
+        task="vqa",
+        data=str(write_lines(images / "vqa.jsonl", rows)),
+        out=str(tmp_path / "out"),
+        generate=SHORT,
+    )
+    result = run_eval(cfg, model=micro_model)
+    records = read_answers(tmp_path / "out")
+    assert [r["error"] is None for r in records] == [True, False, True, False]
+    assert records[1]["error"].startswith("cannot read image") and records[3]["error"] == "no such file"
+    assert records[1]["scores"] is None and (result.items, result.errors, result.metrics["n"]) == (2, 2, 2)
+    assert any("2 images could not be read" in note for note in result.notes)
+
+    shutil.copy(photo_dir / "img2.jpg", images / "img2.jpg")
+    again = run_eval(cfg, model=micro_model)
+    assert (again.resumed, again.answered_now, again.items, again.errors) == (2, 2, 3, 1)
+
+
+def test_eval_config_from_overrides():
+    from mgpt4.config import load_config
+    from mgpt4.errors import ConfigError
+
+    cfg = load_config(
+        EvalConfig,
+        None,
+        [
+            "task=pope",
+            "data=p.jsonl",
+            "judge.url=http://127.0.0.1:9/v1",
+            "limit=5",
+            "generate.max_new_tokens=10",
+            "prompt_style=chat",
+        ],
+    )
+    assert (cfg.task, cfg.limit, cfg.judge.url, cfg.generate.max_new_tokens) == (
+        "pope",
+        5,
+        "http://127.0.0.1:9/v1",
+        10,
+    )
+    assert cfg.generate.do_sample is False  # greedy by default
+    with pytest.raises(
+        ConfigError, match="task: 'mme' is not allowed; choose one of captions, pope, vqa, judge"
+    ):
+        load_config(EvalConfig, None, ["task=mme"])
+    with pytest.raises(UsageError, match="limit: must be ≥ 1"):
+        load_config(EvalConfig, None, ["limit=0"])
+    with pytest.raises(UsageError, match="needs \\{question\\}"):
+        run_eval(EvalConfig(task="pope", data="p.jsonl", prompt="Answer yes or no."))

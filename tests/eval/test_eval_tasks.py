@@ -348,3 +348,15 @@ def test_malformed_captions_json_names_the_line(tmp_path):
         run_eval(EvalConfig(task="captions", data=str(data), out=str(tmp_path / "out")))
     with pytest.raises(Exception, match="give the data"):
         run_eval(EvalConfig(task="pope", out=str(tmp_path / "out")))
+
+
+def test_the_eval_library_never_imports_click_or_rich():
+    import subprocess
+    import sys
+
+    modules = ["mgpt4.eval.pipeline", "mgpt4.eval.compare", "mgpt4.eval.report"] + [
+        f"mgpt4.eval.tasks.{name}" for name in ("captions", "pope", "vqa", "judge", "shapes")
+    ]
+    code = f"import sys; import {', '.join(modules)}; print(sorted({{'click', 'rich'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
