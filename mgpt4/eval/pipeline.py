@@ -36,6 +36,7 @@ from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, IMAGE_SLOT, ChatTurn, cha
 from mgpt4.curate import records as journal
 from mgpt4.errors import UsageError
 from mgpt4.eval.config import EvalConfig
+from mgpt4.eval.journal import AnswerJournal
 from mgpt4.eval.report import write_report
 from mgpt4.eval.tasks import get_task
 from mgpt4.eval.tasks.base import EvalItem, Task, TaskData
@@ -49,7 +50,6 @@ REPORT = "report.html"
 RUN_IDENTITY = "run.json"
 THUMBS = "thumbs"
 THUMB_SIZE = 160
-FSYNC_SECONDS = 5.0
 # describe's default instruction, without its image slot: "Describe this image in detail."
 DEFAULT_INSTRUCTION = ALIGNMENT_INSTRUCTIONS[0].removeprefix(IMAGE_SLOT).strip()
 
@@ -82,8 +82,9 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, model=None) -> E
     Args:
         cfg: the resolved config.
         progress: called with (items done, total or None) after each batch.
-        model: an already loaded ``MiniGPT4`` (e.g. at the end of training); None loads
-            ``cfg.checkpoint`` / ``cfg.model`` when there is anything left to answer.
+        model: an already loaded ``MiniGPT4`` (e.g. at the end of training; set ``cfg.checkpoint`` to
+            where it came from, which names the model in scores.json); None loads ``cfg.checkpoint`` /
+            ``cfg.model`` when there is anything left to answer.
 
     Raises:
         UsageError: bad options or malformed data (names the file and line), or an output folder
@@ -186,7 +187,7 @@ def _answer_all(
     total = min(data.total, cfg.limit or data.total) if data.total is not None else cfg.limit
     state = _Answering(selected=[])
     pending: list[EvalItem] = []
-    with _AnswerJournal(out / ANSWERS) as answers:
+    with AnswerJournal(out / ANSWERS) as answers:
         for item in itertools.chain(items, [None]):
             if not _take(item, state, pending, done, cfg):
                 continue
@@ -227,39 +228,6 @@ def _take(
         return False
     pending.append(item)
     return len(pending) >= cfg.batch_size
-
-
-class _AnswerJournal:
-    """``answers.jsonl`` open for appending during the run.
-
-    Each batch is written and flushed, so a SIGKILL loses nothing already appended (the OS holds it);
-    fsync — which only guards against power loss — runs at most every ``FSYNC_SECONDS`` and at the end
-    (an fsync per batch cost up to 15 ms on a busy disk, as much as generating a micro-model answer).
-    A torn last line is cut off by ``read_journal`` on the next run.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handle = None
-        self.synced = time.monotonic()
-
-    def __enter__(self) -> _AnswerJournal:
-        return self
-
-    def append(self, rows: list[dict]) -> None:
-        if self.handle is None:
-            self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
-        self.handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.handle.flush()
-        if time.monotonic() - self.synced >= FSYNC_SECONDS:
-            os.fsync(self.handle.fileno())
-            self.synced = time.monotonic()
-
-    def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
 
 
 def _load_model(cfg: EvalConfig):

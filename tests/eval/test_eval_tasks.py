@@ -350,6 +350,7 @@ def test_malformed_captions_json_names_the_line(tmp_path):
         run_eval(EvalConfig(task="pope", out=str(tmp_path / "out")))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: 5-25 s on 2 busy cores
 def test_the_eval_library_never_imports_click_or_rich():
     import subprocess
     import sys
