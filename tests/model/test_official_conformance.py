@@ -13,9 +13,11 @@ only on the current token, so every expected answer can be worked out from a sma
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -29,11 +31,16 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mgpt4.cli import cli
-from mgpt4.config import GenerateConfig, ModelConfig
+from mgpt4.config import GenerateConfig, ModelConfig, load_config
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, ChatTurn, chat_prompt, stage2_prompt
+from mgpt4.data.aligned import write_aligned
+from mgpt4.data.synthetic import make_samples
 from mgpt4.errors import CheckpointError
-from mgpt4.model.build import build_model
+from mgpt4.model.build import build_model, load_model_dir
+from mgpt4.model.presets import get_preset
 from mgpt4.model.tokenizer import load_tokenizer
+from mgpt4.train.config import TrainRunConfig
+from mgpt4.train.data import make_batches
 
 BOS, EOS, UNK = 1, 2, 0
 SPECIAL_TEXT = {"<unk>": UNK, "<s>": BOS, "</s>": EOS}
@@ -200,30 +207,60 @@ def penalised(scores: torch.Tensor, ids: list[int], penalty: float) -> torch.Ten
     return scores
 
 
-def next_logits(llm: LlamaForCausalLM, token: int) -> torch.Tensor:
+def bigram_logits(llm: LlamaForCausalLM, first: int):
+    """``logits_after(generated)`` of a bigram LLM whose prompt ends with token ``first``."""
+
+    def logits_after(generated: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            token = generated[-1] if generated else first
+            return llm(input_ids=torch.tensor([[token]])).logits[0, -1].float()
+
+    return logits_after
+
+
+def prompt_logits(model, prompt: str, imgs: torch.Tensor):
+    """``logits_after(generated)`` of any LLM: a full forward pass over the prompt and the answer so far."""
     with torch.no_grad():
-        return llm(input_ids=torch.tensor([[token]])).logits[0, -1].float()
+        context = model.embed_prompt(prompt, model.encode_images(imgs))  # (L, H)
+    embed = model.llama_model.get_input_embeddings()
+
+    def logits_after(generated: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            sequence = torch.cat([context, embed(torch.tensor(generated, dtype=torch.long))])
+            return model.llama_model(inputs_embeds=sequence[None]).logits[0, -1].float()
+
+    return logits_after
 
 
 def ends_with_stop(ids: list[int], stops: list[list[int]]) -> bool:
     return any(len(ids) > len(stop) and ids[-len(stop) :] == stop for stop in stops)
 
 
-def official_greedy(llm, first: int, penalty: float, stops, max_new: int) -> list[int]:
+def official_greedy(logits_after, penalty: float, stops, max_new: int) -> list[int]:
     """4.30 ``greedy_search`` after ``generate(inputs_embeds=…)``: the output starts as ``[BOS]``."""
     ids = [BOS]
-    logits = next_logits(llm, first)
     for _ in range(max_new):
-        ids.append(int(penalised(logits, ids, penalty).argmax()))
+        ids.append(int(penalised(logits_after(ids[1:]), ids, penalty).argmax()))
         if ids[-1] == EOS or ends_with_stop(ids, stops):
             break
-        logits = next_logits(llm, ids[-1])
     return ids[1:]
 
 
-def official_beam_search(llm, first: int, beams: int, penalty: float, stops, max_new: int) -> list[int]:
-    """4.30 ``beam_search`` + ``BeamSearchScorer`` (length_penalty 1, early_stopping False) + MG's stop."""
-    running = [([BOS], 0.0)] + [([BOS], -1e9)] * (beams - 1)
+def top_p_filtered(scores: torch.Tensor, top_p: float, keep: int = 2) -> torch.Tensor:
+    """4.30 ``TopPLogitsWarper`` (beams keep at least 2 tokens): drop the low tail holding 1 - top_p."""
+    ordered, order = scores.sort(dim=-1)
+    drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop[..., -keep:] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+
+
+def official_beam_search(
+    logits_after, beams: int, penalty: float, stops, max_new: int, top_p: float | None = None
+) -> list[int]:
+    """4.30 ``beam_search`` (``beam_sample`` when ``top_p`` is given) + ``BeamSearchScorer``
+    (length_penalty 1, early_stopping False) + MG's stop; a batch of one, as the chat runs it."""
+    sample = top_p is not None
+    running = [([BOS], 0.0)] + [([BOS], 0.0 if sample else -1e9)] * (beams - 1)
     finished: list[tuple[float, list[int]]] = []
 
     def add(ids: list[int], total: float) -> None:  # BeamHypotheses.add: score over len incl. BOS
@@ -233,21 +270,31 @@ def official_beam_search(llm, first: int, beams: int, penalty: float, stops, max
 
     done = False
     for _ in range(max_new):
-        candidates = []
-        for ids, total in running:
-            log_probs = torch.log_softmax(next_logits(llm, ids[-1] if len(ids) > 1 else first), dim=-1)
-            log_probs = penalised(log_probs, ids, penalty) + total
-            candidates += [(float(score), ids, token) for token, score in enumerate(log_probs)]
-        candidates.sort(key=lambda c: -c[0])
+        scores = torch.stack(
+            [
+                penalised(torch.log_softmax(logits_after(ids[1:]), dim=-1), ids, penalty) + total
+                for ids, total in running
+            ]
+        )  # (k, V)
+        vocab = scores.shape[-1]
+        if sample:  # warp the running totals, sample 2k of the k·V continuations, best first
+            flat = top_p_filtered(scores, top_p).view(1, -1)
+            picks = torch.multinomial(flat.softmax(dim=-1), num_samples=2 * beams)[0].tolist()
+            picks.sort(key=lambda i: -float(flat[0, i]))
+            candidates = [(float(flat[0, i]), running[i // vocab][0], i % vocab) for i in picks]
+        else:
+            candidates = sorted(
+                ((float(scores[b, t]), running[b][0], t) for b in range(beams) for t in range(vocab)),
+                key=lambda c: -c[0],
+            )[: 2 * beams]
         running = []
-        for rank, (score, ids, token) in enumerate(candidates[: 2 * beams]):
+        for rank, (score, ids, token) in enumerate(candidates):
             if token == EOS:
                 if rank < beams:
                     add(ids, score)
             elif len(running) < beams:
                 running.append((ids + [token], score))
-        length = len(running[0][0])
-        if len(finished) >= beams and finished[0][0] >= candidates[0][0] / length:
+        if len(finished) >= beams and finished[0][0] >= candidates[0][0] / len(running[0][0]):
             done = True  # no running beam can beat the kept hypotheses: they alone compete
             break
         if any(all(ids[-len(s) :] == s for ids, _ in running) for s in stops):
@@ -315,32 +362,35 @@ def test_prompt_segments_are_encoded_separately(model, sp, style):
     torch.testing.assert_close(model.embed_prompt(prompt, image_tokens), expected)
 
 
-def test_stage2_loss_matches_official_assembly_with_sentencepiece_targets(model, sp, monkeypatch):
-    """MG prompt_wrap + concat_emb_input_output; answers are encoded on their own, pad ids masked."""
-    monkeypatch.setattr(model, "max_txt_len", 24)
-    answers = [" The image shows a red circle at the top.###", "two <unk> squares###", "é " * 30 + "###"]
-    prompt = stage2_prompt(ALIGNMENT_INSTRUCTIONS[2])
-    imgs = images(3)
-    ours = model({"image": imgs, "text": answers, "prompt": [prompt] * 3})
-
+def official_stage2_loss(model, sp, imgs, prompts: list[str], texts: list[str], max_txt_len: int):
+    """MG prompt_wrap + concat_emb_input_output with slow-tokenizer ids; pad ids (<unk>) → -100."""
     embed = model.llama_model.get_input_embeddings()
-    before, after = prompt.split("<ImageHere>")
-    targets = [slow_llama_ids(sp, a)[:24] for a in answers]  # the literal <unk> is id 0, the pad id
-    assert sp.id_to_piece(targets[0][0]) == "▁" and UNK in targets[1] and len(targets[2]) == 24
+    targets = [slow_llama_ids(sp, text)[:max_txt_len] for text in texts]
     width = max(map(len, targets))
     rows, masks, labels = [], [], []
-    for index, image_tokens in enumerate(model.encode_images(imgs)):
+    for prompt, image_tokens, ids in zip(prompts, model.encode_images(imgs), targets, strict=True):
+        before, after = prompt.split("<ImageHere>")
         wrapped = torch.cat(
             [embed(torch.tensor(sp.encode(before))), image_tokens, embed(torch.tensor(sp.encode(after)))]
         )
-        ids, pad = targets[index], width - len(targets[index])
+        pad = width - len(ids)
         rows.append(torch.cat([embed(torch.tensor([BOS])), wrapped, embed(torch.tensor(ids + [UNK] * pad))]))
         masks.append(torch.tensor([1] * (1 + len(wrapped) + len(ids)) + [0] * pad))
-        answer_labels = [-100 if i == UNK else i for i in ids]  # MG: pad ids (here <unk>) → -100
+        answer_labels = [-100 if i == UNK else i for i in ids]
         labels.append(torch.tensor([-100] * (1 + len(wrapped)) + answer_labels + [-100] * pad))
-    reference = model.llama_model(
+    return model.llama_model(
         inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), labels=torch.stack(labels)
     ).loss
+
+
+def test_stage2_loss_matches_official_assembly_with_sentencepiece_targets(model, sp, monkeypatch):
+    """Answers are encoded on their own (leading ▁), truncated to max_txt_len, a literal <unk> masked."""
+    monkeypatch.setattr(model, "max_txt_len", 24)
+    texts = [" The image shows a red circle at the top.###", "two <unk> squares###", "é " * 30 + "###"]
+    assert sp.id_to_piece(sp.encode(texts[0])[0]) == "▁" and UNK in slow_llama_ids(sp, texts[1])
+    prompts = [stage2_prompt(ALIGNMENT_INSTRUCTIONS[2])] * 3
+    ours = model({"image": images(3), "text": texts, "prompt": prompts})
+    reference = official_stage2_loss(model, sp, images(3), prompts, texts, max_txt_len=24)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
 
 
@@ -394,7 +444,7 @@ def test_generated_unk_does_not_end_the_answer(sp, sp_file, tmp_path):
     table = {start: {UNK: 5.0}, UNK: {x: 5.0}, x: {stop: 5.0}}
     folder, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
     config = GenerateConfig(max_new_tokens=8, repetition_penalty=1.0)
-    expected = official_greedy(model.llama_model, start, 1.0, stop_ids(sp), 8)
+    expected = official_greedy(bigram_logits(model.llama_model, start), 1.0, stop_ids(sp), 8)
     assert expected == [UNK, x, stop]
     answer = chat_answer(model, config)
     assert answer.text == official_text(sp, expected) == "x"
@@ -407,7 +457,7 @@ def test_repetition_penalty_covers_bos_from_the_first_step(sp, sp_file, tmp_path
     table = {start: {BOS: 5.0, a: 4.9}, a: {stop: 5.0}, BOS: {the: 5.0}, the: {stop: 5.0}}
     _, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
     for penalty, expected_text in ((1.05, "a"), (1.0, "the")):
-        expected = official_greedy(model.llama_model, start, penalty, stop_ids(sp), 8)
+        expected = official_greedy(bigram_logits(model.llama_model, start), penalty, stop_ids(sp), 8)
         answer = chat_answer(model, GenerateConfig(max_new_tokens=8, repetition_penalty=penalty))
         assert answer.text == official_text(sp, expected) == expected_text, penalty
 
@@ -430,7 +480,7 @@ def test_beam_search_runs_on_until_every_beam_ends_with_the_stop(sp, sp_file, tm
     table |= {token: wander for token in wander}
     table |= {p["▁the"]: {p["▁red"]: 0.0}, p["▁red"]: {p["▁red"]: 0.0, p["▁green"]: -4.0}}
     _, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
-    expected = official_beam_search(model.llama_model, p["▁"], 2, 1.0, stop_ids(sp), 6)
+    expected = official_beam_search(bigram_logits(model.llama_model, p["▁"]), 2, 1.0, stop_ids(sp), 6)
     assert official_text(sp, expected) == "the red red red red red"  # not "a"
     answer = chat_answer(model, GenerateConfig(max_new_tokens=6, num_beams=2, repetition_penalty=1.0))
     assert answer.raw == sp.decode(expected) and answer.text == "the red red red red red"
@@ -449,10 +499,72 @@ def test_beam_search_needs_the_same_stop_ids_on_every_beam(sp, sp_file, tmp_path
     table |= {p["▁the"]: {p["▁red"]: 0.0}, p["▁red"]: {p["##"]: 0.0}, p["##"]: {p["#"]: 0.0}}
     table |= {p["#"]: {p["▁red"]: 0.0}}
     _, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
-    expected = official_beam_search(model.llama_model, p["▁"], 2, 1.0, stop_ids(sp), 8)
+    expected = official_beam_search(bigram_logits(model.llama_model, p["▁"]), 2, 1.0, stop_ids(sp), 8)
     assert expected[:4] == [p["▁the"], p["▁red"], p["##"], p["#"]] and len(expected) == 8
     answer = chat_answer(model, GenerateConfig(max_new_tokens=8, num_beams=2, repetition_penalty=1.0))
     assert answer.text == official_text(sp, expected) == "the red" and answer.tokens == 2
+
+
+def test_beam_scores_count_the_bos_seed_in_the_length(sp, sp_file, tmp_path):
+    """4.30 divides a hypothesis' log-probability by its length with BOS: 'a' + EOS scores -0.79 / 2
+    and beats the running 'a blue blue blue blue' (-2.71 / 6); over generated tokens only it would lose
+    (-0.79 / 1 against -2.71 / 5).
+    """
+    p = beam_pieces(sp)
+    table = {p["▁"]: {p["▁a"]: 0.0, p["▁the"]: -1.0}, p["▁a"]: {EOS: 0.0, p["▁blue"]: -0.5}}
+    table |= {p["▁blue"]: {p["▁blue"]: 0.0, p["▁green"]: -0.5}, p["▁the"]: {p["▁red"]: 0.0}}
+    table |= {p["▁red"]: {p["▁red"]: 0.0, p["▁green"]: -0.5}}
+    _, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
+    expected = official_beam_search(bigram_logits(model.llama_model, p["▁"]), 2, 1.0, stop_ids(sp), 5)
+    assert expected == [p["▁a"]]
+    answer = chat_answer(model, GenerateConfig(max_new_tokens=5, num_beams=2, repetition_penalty=1.0))
+    assert answer.text == "a" and answer.tokens == 1
+
+
+def test_beam_search_on_a_real_llm_matches_the_reference(model, sp):
+    """Random weights (no bigram shortcut): KV cache, BOS seed, penalty and beam bookkeeping together."""
+    prompt = chat_prompt([ChatTurn("what is in the image?", image="x")])
+    config = GenerateConfig(max_new_tokens=6, num_beams=3, repetition_penalty=1.05)
+    expected = official_beam_search(prompt_logits(model, prompt, images(1)), 3, 1.05, stop_ids(sp), 6)
+    answer = model.generate([prompt], images(1), config)[0]
+    full = sp.decode([i for i in expected if i not in (UNK, BOS, EOS)])
+    assert answer.text == official_text(sp, expected) and full.startswith(answer.raw)
+
+
+def test_batched_beams_equal_one_prompt_at_a_time(model):
+    """Prompts of different lengths are left-padded; each prompt's beams stop on their own."""
+    prompts = [
+        chat_prompt([ChatTurn("what is in the image?", image="x")]),
+        stage2_prompt(ALIGNMENT_INSTRUCTIONS[0]),
+    ]
+    config = GenerateConfig(max_new_tokens=5, num_beams=2)
+    together = model.generate(prompts, images(2), config)
+    alone = [model.generate([p], images(2)[i : i + 1], config)[0] for i, p in enumerate(prompts)]
+    assert [g.raw for g in together] == [g.raw for g in alone]
+
+
+def test_beam_sampling_follows_4_30_beam_sample(sp, sp_file, tmp_path):
+    """The chat samples (MG hard-codes do_sample=True): with beams that is 4.30's beam_sample."""
+    p = beam_pieces(sp)
+    words = [p[w] for w in ("▁a", "▁the", "▁red", "▁blue", "▁green", "▁circle", "▁square")]
+    table = {
+        token: {w: -0.3 * ((i * 5 + j) % 7) for j, w in enumerate(words)} for i, token in enumerate(words)
+    }
+    for token in words:
+        table[token][p["▁###"]] = -1.5
+    table[p["▁"]] = {w: -0.2 * j for j, w in enumerate(words)}
+    _, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
+    config = GenerateConfig(max_new_tokens=8, num_beams=2, do_sample=True, top_p=0.9, seed=3)
+    answers = set()
+    for seed in (3, 4, 5):
+        torch.manual_seed(seed)
+        expected = official_beam_search(
+            bigram_logits(model.llama_model, p["▁"]), 2, 1.05, stop_ids(sp), 8, 0.9
+        )
+        answer = chat_answer(model, dataclasses.replace(config, seed=seed))
+        assert answer.text == official_text(sp, expected), seed
+        answers.add(answer.text)
+    assert len(answers) > 1  # the draws matter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,7 +585,7 @@ def cli_table(sp) -> tuple[int, dict[int, dict[int, float]], list[int]]:
 def scripted_cli(sp, sp_file, tmp_path) -> dict:
     start, table, chain = cli_table(sp)
     folder, model = scripted_model(tmp_path, sp_file, sp.get_piece_size(), table)
-    expected = official_greedy(model.llama_model, start, 1.05, stop_ids(sp), 10)
+    expected = official_greedy(bigram_logits(model.llama_model, start), 1.05, stop_ids(sp), 10)
     assert expected == chain
     proj = tmp_path / "pretrained_minigpt4.pth"
     torch.save({"model": {f"llama_proj.{k}": v for k, v in model.llama_proj.state_dict().items()}}, proj)
@@ -510,3 +622,54 @@ def test_missing_sentencepiece_through_the_cli_is_one_line(scripted_cli, monkeyp
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert "sentencepiece" in line and "pip install sentencepiece" in line and "tiktoken" not in line
+
+
+def test_curate_describes_with_the_folder(scripted_cli):
+    folder = scripted_cli["tmp"] / "images"
+    folder.mkdir()
+    Image.open(scripted_cli["image"]).save(folder / "0001.jpg")
+    out = scripted_cli["tmp"] / "curated"
+    args = ["curate", "--model", "micro", f"model.llm_path={scripted_cli['llm']}", "--images", str(folder)]
+    args += ["--out", str(out), "--num", "1", "--fixer", "none", "--max-new-tokens", "10", "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in (out / "curate.jsonl").read_text().splitlines()]
+    assert record["first"] == scripted_cli["answer"] and record["tokens"]["first"] == 4
+
+
+@pytest.fixture
+def _restore_process_env():
+    """finetune runs DeepSpeed in this process; leave no rendezvous variables for later subprocesses."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def test_finetune_trains_on_official_targets_from_the_folder(llm_dir, sp, tmp_path, _restore_process_env):
+    samples = make_samples(4, seed=1)
+    captions = [" The image shows " + s.detailed for s in samples]  # a leading space, as raw captions have
+    write_aligned(tmp_path / "aligned", [(s.key, s.image, c) for s, c in zip(samples, captions, strict=True)])
+    run = tmp_path / "run"
+    args = ["finetune", "--config", "micro_stage2", "model.preset=micro", f"model.llm_path={llm_dir}"]
+    args += ["model.trainable=[proj]", f"data.aligned={tmp_path / 'aligned'}", f"out={run}"]
+    args += ["data.micro_batch_size=2", "train.max_steps=1", "train.log_every=1", "train.plot=false"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    first_loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    cfg = load_config(TrainRunConfig, run / "config.yaml")
+    batch = make_batches(cfg, get_preset("micro"), rank=0, world_size=1).next_batch()
+    assert all(text.startswith(" The image shows") and text.endswith("###") for text in batch["text"])
+    torch.manual_seed(cfg.train.seed)  # the run's random init of the micro vision tower
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        reference = official_stage2_loss(
+            model, sp, batch["image"], batch["prompt"], batch["text"], cfg.model.max_txt_len
+        )
+    assert first_loss == pytest.approx(float(reference), rel=1e-5)
+    assert load_model_dir(run).follows_official_stack
