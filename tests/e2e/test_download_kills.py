@@ -1,0 +1,166 @@
+"""`mgpt4 download` SIGKILLed at awkward moments, with the URLs it already stored gone dead afterwards.
+
+Every scenario ends by counting: each input row exactly once in the tar, the parquet and the stats, no
+stored image lost, no key twice, nothing already stored fetched again, no leftover partial files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers.loopback_http import LoopbackServer, make_jpeg
+
+KILL_AT = Path(__file__).resolve().parents[1] / "helpers" / "kill_at.py"
+GOOD, BUSY = 30, 10  # rows stored by the first run / rows that failed transiently (HTTP 503) in it
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as srv:
+        yield srv
+
+
+def _download(out: Path, urls: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
+    args = [str(urls), "-o", str(out), "--processes", "1", "--threads", "3", "--image-size", "32",
+            "fetch.retries=0", "--quiet", *extra]  # fmt: skip
+    if kill is None:
+        cmd = [sys.executable, "-c", "from mgpt4.cli import main; main()", "download", *args]
+    else:
+        cmd = [sys.executable, str(KILL_AT), kill, "--", "download", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str], list[str]]:
+    """One shard: GOOD images stored, BUSY rows failed with 503; then the stored URLs all go dead."""
+    good = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i)) for i in range(GOOD)]
+    busy = [server.add(f"/busy/{i}.jpg", body=make_jpeg(48, 40, seed=100 + i), fail_first=10**6,
+                       fail_status=503) for i in range(BUSY)]  # fmt: skip
+    rows = [u for pair in zip(good[:BUSY], busy, strict=True) for u in pair] + good[BUSY:]  # interleaved
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text("".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(rows)))
+    out = tmp_path / "out"
+    done = _download(out, urls)
+    assert done.returncode == 0, done.stderr
+    assert _count(out)["successes"] == GOOD
+    for url in good:  # the images are stored: their URLs die
+        server.routes[url.removeprefix(server.base)].status = 404
+    for url in busy:  # the busy server recovers
+        server.routes[url.removeprefix(server.base)].fail_first = 0
+    return out, urls, good, busy
+
+
+def _count(out: Path) -> dict[str, int]:
+    """Counts across tar, parquet and stats, asserting each holds every row exactly once."""
+    with tarfile.open(out / "00000.tar") as tar:
+        names = [m.name for m in tar.getmembers()]
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    assert not dupes, f"keys twice in the tar: {dupes[:5]}"
+    tar_keys = {n.partition(".")[0] for n in names}
+    assert all({f"{k}.jpg", f"{k}.txt", f"{k}.json"} <= set(names) for k in tar_keys)
+    records = pq.read_table(out / "00000.parquet").to_pylist()
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == GOOD + BUSY
+    assert {r["key"] for r in records if r["status"] == "success"} == tar_keys
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["count"] == GOOD + BUSY and stats["successes"] == len(tar_keys)
+    return {"successes": len(tar_keys)}
+
+
+def _assert_nothing_lost(out: Path, server: LoopbackServer, good: list[str], busy: list[str]) -> None:
+    assert _count(out)["successes"] == GOOD + BUSY  # every stored image kept, every busy row retried
+    assert all(server.hits[u.removeprefix(server.base)] == 1 for u in good), (
+        "a stored image was fetched again"
+    )
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".partial", ".salvage", ".jsonl", ".tmp"))]
+
+
+# tar members: 3 per sample; the retry first copies the GOOD stored samples, then writes the BUSY fetched ones
+COPIED = 3 * GOOD
+KILL_POINTS = {
+    "while copying the stored samples": f"addfile:{3 * 10 + 1}",
+    "after the copy, before the first fetched sample": f"addfile:{COPIED + 1}",
+    "mid-write of a fetched sample (torn tar)": f"torn:{COPIED + 3 * 2 + 1}",
+    "mid-retry, 5 samples fetched": f"addfile:{COPIED + 3 * 5 + 1}",
+    "between the tar rename and the stats": "after-replace:00000.tar.partial",
+    "after the stats, before the journal is removed": "after-replace:00000_stats.json.tmp",
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS.values()), ids=list(KILL_POINTS))
+def test_retry_failed_killed_then_rerun_loses_nothing(
+    tmp_path: Path, server: LoopbackServer, point: str
+) -> None:
+    out, urls, good, busy = _setup(tmp_path, server)
+    killed = _download(out, urls, "--retry-failed", kill=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # A plain rerun (leaves a complete shard alone, or completes it), then the retry again.
+    for extra in ((), ("--retry-failed",)):
+        done = _download(out, urls, *extra)
+        assert done.returncode == 0, done.stderr
+    _assert_nothing_lost(out, server, good, busy)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "after-replace:00000.tar.partial",
+        "after-replace:00000.parquet.tmp",
+        "after-replace:00000_stats.json.tmp",
+    ],
+)
+def test_first_run_killed_while_completing_needs_no_fetch(
+    tmp_path: Path, server: LoopbackServer, point: str
+) -> None:
+    """Killed inside the completion (tar renamed, parquet or stats not yet): every row is on disk already."""
+    urls = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i)) for i in range(GOOD + BUSY)]
+    url_list = tmp_path / "urls.jsonl"
+    url_list.write_text(
+        "".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(urls))
+    )
+    out = tmp_path / "out"
+    assert _download(out, url_list, kill=point).returncode == -signal.SIGKILL
+    for url in urls:
+        server.routes[url.removeprefix(server.base)].status = 404
+    done = _download(out, url_list)
+    assert done.returncode == 0, done.stderr
+    assert _count(out)["successes"] == GOOD + BUSY
+    assert all(n == 1 for n in server.hits.values())
+
+
+def test_retry_killed_twice_in_a_row(tmp_path: Path, server: LoopbackServer) -> None:
+    out, urls, good, busy = _setup(tmp_path, server)
+    for point in ("addfile:61", "addfile:31", f"torn:{COPIED + 4}"):  # each rerun killed earlier in its copy
+        assert _download(out, urls, "--retry-failed", kill=point).returncode == -signal.SIGKILL
+    done = _download(out, urls, "--retry-failed")
+    assert done.returncode == 0, done.stderr
+    _assert_nothing_lost(out, server, good, busy)
+
+
+def test_retry_killed_soon_after_the_partial_appears(tmp_path: Path, server: LoopbackServer) -> None:
+    """The report's sequence: SIGKILL ~20 ms after ``00000.tar.partial`` appears, whatever it was doing."""
+    out, urls, good, busy = _setup(tmp_path, server)
+    for delay in (0.0, 0.02, 0.05):
+        args = [str(urls), "-o", str(out), "--processes", "1", "--threads", "3", "--image-size", "32",
+                "fetch.retries=0", "--quiet", "--retry-failed"]  # fmt: skip
+        cmd = [sys.executable, "-c", "from mgpt4.cli import main; main()", "download", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while (
+            not (out / "00000.tar.partial").exists() and proc.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = _download(out, urls, "--retry-failed")
+    assert done.returncode == 0, done.stderr
+    _assert_nothing_lost(out, server, good, busy)
