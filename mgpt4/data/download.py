@@ -144,14 +144,13 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
     paths = sources.check_inputs(cfg.inputs)
     cfg = dataclasses.replace(cfg, inputs=[str(p.resolve()) for p in paths])
     columns = sources.resolve_columns(cfg.url_col, cfg.caption_col, cfg.preset)
-    folder = Path(cfg.output)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{folder}: cannot create the output folder ({exc})") from exc
+    folder = _output_folder(Path(cfg.output))
     with _folder_lock(folder):
         _check_same_settings(folder, cfg)
-        save_config(cfg, folder / CONFIG_FILE, header="mgpt4 download --config " + str(folder / CONFIG_FILE))
+        try:
+            save_config(cfg, folder / CONFIG_FILE, header=f"mgpt4 download --config {folder / CONFIG_FILE}")
+        except OSError as exc:
+            raise DataError(f"{folder / CONFIG_FILE}: cannot write ({exc.strerror or exc})") from exc
         counts = [sources.count_rows(p) for p in paths]
         total = sum(counts) if all(c is not None for c in counts) else None
         started = time.monotonic()
@@ -162,9 +161,30 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
         return _summary(cfg, folder, results, shards, time.monotonic() - started)
 
 
+def _output_folder(folder: Path) -> Path:
+    """Create the output folder; a path that cannot be one is the user's to change (UsageError)."""
+    hint = "choose another output folder with -o"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: is a file, not a folder; {hint}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{folder}: cannot create the output folder ({exc.strerror or exc}); {hint}"
+        ) from exc
+    return folder
+
+
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    with open(folder / _LOCK_FILE, "w") as handle:
+    try:
+        handle = open(folder / _LOCK_FILE, "w")  # noqa: SIM115 - closed below; the first write there
+    except OSError as exc:
+        raise UsageError(
+            f"{folder}: cannot write to the output folder ({exc.strerror or exc}); "
+            "choose another output folder with -o"
+        ) from exc
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -173,8 +193,10 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
+    """The saved settings guard the shards written with them; with no shard yet (a run that failed on
+    its inputs or columns, or was stopped at once) there is nothing to guard and they are replaced."""
     saved_path = folder / CONFIG_FILE
-    if not saved_path.is_file():
+    if not saved_path.is_file() or not shard_writer.has_shard_files(folder):
         return
     try:
         saved = load_config(DownloadConfig, saved_path)

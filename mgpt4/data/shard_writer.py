@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -58,6 +59,9 @@ _SAMPLE_JSON_FIELDS = (
     "sha256",
     "error_message",
 )
+_SHARD_FILE = re.compile(
+    r"^\d{5,}(\.tar|\.tar\.partial|\.tar\.salvage|_journal\.jsonl|\.parquet|_stats\.json)$"
+)
 _MAX_STATUS_MESSAGES = 1000  # distinct error messages kept in stats (img2dataset caps its counter too)
 
 
@@ -79,6 +83,11 @@ def completed_rows(folder: Path, shard_id: int) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return count if isinstance(count, int) else None
+
+
+def has_shard_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any shard file, complete or in progress."""
+    return any(_SHARD_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else False
 
 
 def read_records(folder: Path, shard_id: int) -> list[dict[str, Any]]:
