@@ -144,6 +144,7 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
     paths = sources.check_inputs(cfg.inputs)
     cfg = dataclasses.replace(cfg, inputs=[str(p.resolve()) for p in paths])
     columns = sources.resolve_columns(cfg.url_col, cfg.caption_col, cfg.preset)
+    sources.check_columns(paths, columns)
     folder = _output_folder(Path(cfg.output))
     with _folder_lock(folder):
         _check_same_settings(folder, cfg)

@@ -232,6 +232,9 @@ def test_a_failed_first_start_does_not_block_the_corrected_command(
     out = str(tmp_path / "out")
     code, _, err = _run(str(urls), "-o", out, "--url-col", "link", "--processes", "1")
     assert code == 2 and "no URL column link" in err
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    (tmp_path / "out").mkdir()  # a start that failed later (e.g. a .json list, read when reached) leaves:
+    (tmp_path / "out" / "download_config.yaml").write_text(yaml.safe_dump({"url_col": "link"}))
     code, stdout, err = _run(str(urls), "-o", out, "--processes", "1", "--json")  # the corrected command
     assert code == 0, err
     assert json.loads(stdout)["run"]["successes"] == 2
