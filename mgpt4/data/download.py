@@ -88,6 +88,11 @@ class DownloadConfig:
     shard_size: int = field(10000, doc="input rows per shard")
     processes: int = field(0, doc="worker processes (0 = one per CPU core)")
     threads: int = field(32, doc="threads per process, each fetching and resizing one image at a time")
+    decode_memory_mb: int = field(
+        512,
+        doc="decoded-image memory per process in MiB: threads wait for room before decoding, "
+        "an image needing more decodes alone (README: memory bound)",
+    )
     retry_failed: bool = field(
         False, doc="re-fetch rows of complete shards that failed for transient reasons"
     )
@@ -99,6 +104,7 @@ class DownloadConfig:
         positive = {
             "shard_size": self.shard_size,
             "threads": self.threads,
+            "decode_memory_mb": self.decode_memory_mb,
             "image.size": self.image.size,
             "fetch.max_per_host": self.fetch.max_per_host,
             "fetch.max_bytes": self.fetch.max_bytes,
@@ -155,7 +161,9 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
         counts = [sources.count_rows(p) for p in paths]
         total = sum(counts) if all(c is not None for c in counts) else None
         started = time.monotonic()
-        spec = WorkerSpec(folder, cfg.fetch_settings(), cfg.image_settings(), cfg.threads)
+        spec = WorkerSpec(
+            folder, cfg.fetch_settings(), cfg.image_settings(), cfg.threads, cfg.decode_memory_mb << 20
+        )
         pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)
         with DownloadProgress(total, show_progress) as progress, sigterm_as_interrupt():
             results, shards = execute(_plan(paths, columns, cfg, folder, progress), pool, progress)

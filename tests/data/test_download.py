@@ -382,7 +382,7 @@ def test_changed_settings_and_busy_folders_are_refused(tmp_path: Path, server: L
         run_download(dataclasses.replace(cfg, shard_size=5))
     with pytest.raises(UsageError, match="image="):
         run_download(dataclasses.replace(cfg, image=ImageConfig(size=128)))
-    run_download(dataclasses.replace(cfg, threads=3, processes=1))  # parallelism may change
+    run_download(dataclasses.replace(cfg, threads=3, processes=1, decode_memory_mb=64))  # may change
     with open(tmp_path / "out" / ".download.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UsageError, match="another `mgpt4 download`"):
