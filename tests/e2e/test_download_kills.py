@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from helpers.loopback_http import LoopbackServer, make_jpeg
+
+from mgpt4.cli import cli
 
 KILL_AT = Path(__file__).resolve().parents[1] / "helpers" / "kill_at.py"
 GOOD, BUSY = 30, 10  # rows stored by the first run / rows that failed transiently (HTTP 503) in it
@@ -29,14 +32,16 @@ def server():
         yield srv
 
 
-def _download(out: Path, urls: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
+def _download(out: Path, urls: Path, *extra: str, kill: str | None = None) -> tuple[int, str]:
+    """Exit code and stderr of `mgpt4 download`: in this process, or in a subprocess killed at ``kill``."""
     args = [str(urls), "-o", str(out), "--processes", "1", "--threads", "3", "--image-size", "32",
             "fetch.retries=0", "--quiet", *extra]  # fmt: skip
     if kill is None:
-        cmd = [sys.executable, "-c", "from mgpt4.cli import main; main()", "download", *args]
-    else:
-        cmd = [sys.executable, str(KILL_AT), kill, "--", "download", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = CliRunner().invoke(cli, ["download", *args])
+        return result.exit_code, result.stderr
+    cmd = [sys.executable, str(KILL_AT), kill, "--", "download", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stderr
 
 
 def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str], list[str]]:
@@ -48,8 +53,8 @@ def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str
     urls = tmp_path / "urls.jsonl"
     urls.write_text("".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(rows)))
     out = tmp_path / "out"
-    done = _download(out, urls)
-    assert done.returncode == 0, done.stderr
+    code, err = _download(out, urls)
+    assert code == 0, err
     assert _count(out)["successes"] == GOOD
     for url in good:  # the images are stored: their URLs die
         server.routes[url.removeprefix(server.base)].status = 404
@@ -85,27 +90,29 @@ def _assert_nothing_lost(out: Path, server: LoopbackServer, good: list[str], bus
 
 # tar members: 3 per sample; the retry first copies the GOOD stored samples, then writes the BUSY fetched ones
 COPIED = 3 * GOOD
-KILL_POINTS = {
-    "while copying the stored samples": f"addfile:{3 * 10 + 1}",
-    "after the copy, before the first fetched sample": f"addfile:{COPIED + 1}",
-    "mid-write of a fetched sample (torn tar)": f"torn:{COPIED + 3 * 2 + 1}",
-    "mid-retry, 5 samples fetched": f"addfile:{COPIED + 3 * 5 + 1}",
-    "between the tar rename and the stats": "after-replace:00000.tar.partial",
-    "after the stats, before the journal is removed": "after-replace:00000_stats.json.tmp",
-}
+SLOW = pytest.mark.slow  # this file takes ~25 s on a quiet 2-core machine; these add the rarer moments
+KILL_POINTS = [
+    pytest.param(f"addfile:{3 * 10 + 1}", id="while copying the stored samples"),
+    pytest.param(f"addfile:{COPIED + 1}", id="after the copy, before the first fetched sample", marks=SLOW),
+    pytest.param(f"torn:{COPIED + 3 * 2 + 1}", id="mid-write of a fetched sample (torn tar)"),
+    pytest.param(f"addfile:{COPIED + 3 * 5 + 1}", id="mid-retry, 5 samples fetched", marks=SLOW),
+    pytest.param("after-replace:00000.tar.partial", id="between the tar rename and the stats"),
+    pytest.param("after-replace:00000.parquet.tmp", id="after the parquet rename", marks=SLOW),
+    pytest.param("after-replace:00000_stats.json.tmp", id="right after the stats", marks=SLOW),
+]
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS.values()), ids=list(KILL_POINTS))
+@pytest.mark.parametrize("point", KILL_POINTS)
 def test_retry_failed_killed_then_rerun_loses_nothing(
     tmp_path: Path, server: LoopbackServer, point: str
 ) -> None:
     out, urls, good, busy = _setup(tmp_path, server)
-    killed = _download(out, urls, "--retry-failed", kill=point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    code, err = _download(out, urls, "--retry-failed", kill=point)
+    assert code == -signal.SIGKILL, err
     # A plain rerun (leaves a complete shard alone, or completes it), then the retry again.
     for extra in ((), ("--retry-failed",)):
-        done = _download(out, urls, *extra)
-        assert done.returncode == 0, done.stderr
+        code, err = _download(out, urls, *extra)
+        assert code == 0, err
     _assert_nothing_lost(out, server, good, busy)
 
 
@@ -113,8 +120,8 @@ def test_retry_failed_killed_then_rerun_loses_nothing(
     "point",
     [
         "after-replace:00000.tar.partial",
-        "after-replace:00000.parquet.tmp",
-        "after-replace:00000_stats.json.tmp",
+        pytest.param("after-replace:00000.parquet.tmp", marks=SLOW),
+        pytest.param("after-replace:00000_stats.json.tmp", marks=SLOW),
     ],
 )
 def test_first_run_killed_while_completing_needs_no_fetch(
@@ -127,24 +134,26 @@ def test_first_run_killed_while_completing_needs_no_fetch(
         "".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(urls))
     )
     out = tmp_path / "out"
-    assert _download(out, url_list, kill=point).returncode == -signal.SIGKILL
+    assert _download(out, url_list, kill=point)[0] == -signal.SIGKILL
     for url in urls:
         server.routes[url.removeprefix(server.base)].status = 404
-    done = _download(out, url_list)
-    assert done.returncode == 0, done.stderr
+    code, err = _download(out, url_list)
+    assert code == 0, err
     assert _count(out)["successes"] == GOOD + BUSY
     assert all(n == 1 for n in server.hits.values())
 
 
+@SLOW
 def test_retry_killed_twice_in_a_row(tmp_path: Path, server: LoopbackServer) -> None:
     out, urls, good, busy = _setup(tmp_path, server)
     for point in ("addfile:61", "addfile:31", f"torn:{COPIED + 4}"):  # each rerun killed earlier in its copy
-        assert _download(out, urls, "--retry-failed", kill=point).returncode == -signal.SIGKILL
-    done = _download(out, urls, "--retry-failed")
-    assert done.returncode == 0, done.stderr
+        assert _download(out, urls, "--retry-failed", kill=point)[0] == -signal.SIGKILL
+    code, err = _download(out, urls, "--retry-failed")
+    assert code == 0, err
     _assert_nothing_lost(out, server, good, busy)
 
 
+@SLOW
 def test_retry_killed_soon_after_the_partial_appears(tmp_path: Path, server: LoopbackServer) -> None:
     """The report's sequence: SIGKILL ~20 ms after ``00000.tar.partial`` appears, whatever it was doing."""
     out, urls, good, busy = _setup(tmp_path, server)
@@ -161,6 +170,6 @@ def test_retry_killed_soon_after_the_partial_appears(tmp_path: Path, server: Loo
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    done = _download(out, urls, "--retry-failed")
-    assert done.returncode == 0, done.stderr
+    code, err = _download(out, urls, "--retry-failed")
+    assert code == 0, err
     _assert_nothing_lost(out, server, good, busy)
