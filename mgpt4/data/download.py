@@ -187,7 +187,7 @@ def _output_folder(folder: Path) -> Path:
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     try:
-        handle = open(folder / _LOCK_FILE, "w")  # noqa: SIM115 - closed below; the first write there
+        handle = open(folder / _LOCK_FILE, "w")  # noqa: SIM115 - `with handle` below closes it
     except OSError as exc:
         raise UsageError(
             f"{folder}: cannot write to the output folder ({exc.strerror or exc}); "
