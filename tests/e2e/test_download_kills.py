@@ -44,7 +44,7 @@ def _download(out: Path, urls: Path, *extra: str, kill: str | None = None) -> tu
     return proc.returncode, proc.stderr
 
 
-def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str], list[str]]:
+def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str], dict[str, bytes]]:
     """One shard: GOOD images stored, BUSY rows failed with 503; then the stored URLs all go dead."""
     good = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i)) for i in range(GOOD)]
     busy = [server.add(f"/busy/{i}.jpg", body=make_jpeg(48, 40, seed=100 + i), fail_first=10**6,
@@ -56,11 +56,17 @@ def _setup(tmp_path: Path, server: LoopbackServer) -> tuple[Path, Path, list[str
     code, err = _download(out, urls)
     assert code == 0, err
     assert _count(out)["successes"] == GOOD
+    stored = _jpegs(out)
     for url in good:  # the images are stored: their URLs die
         server.routes[url.removeprefix(server.base)].status = 404
     for url in busy:  # the busy server recovers
         server.routes[url.removeprefix(server.base)].fail_first = 0
-    return out, urls, good, busy
+    return out, urls, good, stored
+
+
+def _jpegs(out: Path) -> dict[str, bytes]:
+    with tarfile.open(out / "00000.tar") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
 
 
 def _count(out: Path) -> dict[str, int]:
@@ -80,11 +86,13 @@ def _count(out: Path) -> dict[str, int]:
     return {"successes": len(tar_keys)}
 
 
-def _assert_nothing_lost(out: Path, server: LoopbackServer, good: list[str], busy: list[str]) -> None:
+def _assert_nothing_lost(
+    out: Path, server: LoopbackServer, good: list[str], stored: dict[str, bytes]
+) -> None:
     assert _count(out)["successes"] == GOOD + BUSY  # every stored image kept, every busy row retried
-    assert all(server.hits[u.removeprefix(server.base)] == 1 for u in good), (
-        "a stored image was fetched again"
-    )
+    final = _jpegs(out)
+    assert all(final[name] == jpeg for name, jpeg in stored.items())  # the very bytes stored at first
+    assert all(server.hits[u.removeprefix(server.base)] == 1 for u in good), "a stored image was refetched"
     assert not [p.name for p in out.iterdir() if p.name.endswith((".partial", ".salvage", ".jsonl", ".tmp"))]
 
 
@@ -106,14 +114,14 @@ KILL_POINTS = [
 def test_retry_failed_killed_then_rerun_loses_nothing(
     tmp_path: Path, server: LoopbackServer, point: str
 ) -> None:
-    out, urls, good, busy = _setup(tmp_path, server)
+    out, urls, good, stored = _setup(tmp_path, server)
     code, err = _download(out, urls, "--retry-failed", kill=point)
     assert code == -signal.SIGKILL, err
     # A plain rerun (leaves a complete shard alone, or completes it), then the retry again.
     for extra in ((), ("--retry-failed",)):
         code, err = _download(out, urls, *extra)
         assert code == 0, err
-    _assert_nothing_lost(out, server, good, busy)
+    _assert_nothing_lost(out, server, good, stored)
 
 
 @pytest.mark.parametrize(
@@ -145,18 +153,18 @@ def test_first_run_killed_while_completing_needs_no_fetch(
 
 @SLOW
 def test_retry_killed_twice_in_a_row(tmp_path: Path, server: LoopbackServer) -> None:
-    out, urls, good, busy = _setup(tmp_path, server)
+    out, urls, good, stored = _setup(tmp_path, server)
     for point in ("addfile:61", "addfile:31", f"torn:{COPIED + 4}"):  # each rerun killed earlier in its copy
         assert _download(out, urls, "--retry-failed", kill=point)[0] == -signal.SIGKILL
     code, err = _download(out, urls, "--retry-failed")
     assert code == 0, err
-    _assert_nothing_lost(out, server, good, busy)
+    _assert_nothing_lost(out, server, good, stored)
 
 
 @SLOW
 def test_retry_killed_soon_after_the_partial_appears(tmp_path: Path, server: LoopbackServer) -> None:
     """The report's sequence: SIGKILL ~20 ms after ``00000.tar.partial`` appears, whatever it was doing."""
-    out, urls, good, busy = _setup(tmp_path, server)
+    out, urls, good, stored = _setup(tmp_path, server)
     for delay in (0.0, 0.02, 0.05):
         args = [str(urls), "-o", str(out), "--processes", "1", "--threads", "3", "--image-size", "32",
                 "fetch.retries=0", "--quiet", "--retry-failed"]  # fmt: skip
@@ -172,4 +180,4 @@ def test_retry_killed_soon_after_the_partial_appears(tmp_path: Path, server: Loo
         proc.wait(timeout=30)
     code, err = _download(out, urls, "--retry-failed")
     assert code == 0, err
-    _assert_nothing_lost(out, server, good, busy)
+    _assert_nothing_lost(out, server, good, stored)
