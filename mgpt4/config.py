@@ -114,7 +114,14 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=3e-5)")
-        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else raw)
+        try:
+            value = parse_yaml(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {key.strip()}: not valid YAML ({problem}) in {raw!r}; fix the value or quote it"
+            ) from exc
+        _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
 
