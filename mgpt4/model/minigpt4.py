@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from mgpt4.config import GenerateConfig
 from mgpt4.conversation import IMAGE_PLACEHOLDER, clean_answer, split_at_images
@@ -219,6 +227,7 @@ class MiniGPT4(nn.Module):
         images: torch.Tensor | Sequence[torch.Tensor],
         config: GenerateConfig | None = None,
         streamer=None,
+        stopping_criteria: Sequence[StoppingCriteria] = (),
     ) -> list[Generation]:
         """Answer each prompt; a row stops at its own ``###`` (or EOS) while the others go on.
 
@@ -227,6 +236,8 @@ class MiniGPT4(nn.Module):
             images: (B, 3, H, W) — one image per prompt — or B tensors (k_i, 3, H, W).
             config: decoding settings (greedy by default).
             streamer: optional transformers streamer (``put``/``end``), for chat's live output.
+            stopping_criteria: more per-row criteria, checked with the stop strings each step (the
+                server's: a row whose client left, or that reached its own limit, stops early).
         """
         config = config or GenerateConfig()
         groups = [images[i : i + 1] for i in range(len(images))] if torch.is_tensor(images) else list(images)
@@ -246,11 +257,12 @@ class MiniGPT4(nn.Module):
         with warnings.catch_warnings():
             # With inputs_embeds the penalty covers generated tokens only — as in the official code.
             warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
-            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, stop, streamer)
+            criteria = StoppingCriteriaList([stop, *stopping_criteria])
+            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, criteria, streamer)
         return [self._finish(row_ids, stops) for row_ids in output_ids]
 
     def _hf_generate(
-        self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer
+        self, inputs_embeds, attention_mask, config: GenerateConfig, criteria: StoppingCriteriaList, streamer
     ) -> torch.Tensor:
         return self.llama_model.generate(
             inputs_embeds=inputs_embeds,
@@ -262,7 +274,8 @@ class MiniGPT4(nn.Module):
             top_p=config.top_p if config.do_sample else None,
             top_k=None,
             repetition_penalty=config.repetition_penalty,
-            stopping_criteria=StoppingCriteriaList([stop]),
+            logits_processor=_penalty_on_every_generated_token(config.repetition_penalty),
+            stopping_criteria=criteria,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -288,6 +301,30 @@ class MiniGPT4(nn.Module):
                     break
         raw = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Generation(text=clean_answer(raw, stops), tokens=len(kept) - stop_tokens, raw=raw)
+
+
+def _penalty_on_every_generated_token(penalty: float) -> LogitsProcessorList:
+    """A repetition penalty that sees all of every row's generated tokens, for left-padded batches.
+
+    transformers' own penalty skips each row's first ``pad_len`` ids (``prompt_ignore_length``, read
+    off the attention mask), but with ``inputs_embeds`` the ids are the generated tokens only, so a
+    padded row would leave its first answer tokens unpenalized and answer differently in a batch than
+    alone. A processor of the same type replaces the built-in one at its place in the chain (before
+    temperature and top-p, as in the official code's transformers).
+    """
+    if penalty == 1.0:
+        return LogitsProcessorList()
+    return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)])
+
+
+class _QuietPenaltyReplacement(logging.Filter):
+    """Drop transformers' notice that our penalty processor replaces its own (that is the point)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RepetitionPenaltyLogitsProcessor" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_QuietPenaltyReplacement())
 
 
 def _last_chars(stops: tuple[str, ...]) -> str:
