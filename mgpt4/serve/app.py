@@ -174,7 +174,7 @@ async def _prepare(service: _Service, request: Request, body: bytes) -> tuple[Jo
         )
     max_tokens = decoding.max_tokens
     if max_tokens is None:
-        max_tokens = min(cfg.default_max_tokens, context - prompt_tokens)
+        max_tokens = min(cfg.default_max_tokens, cfg.max_tokens, context - prompt_tokens)
     elif prompt_tokens + max_tokens > context:
         raise bad_request(
             f"This model's maximum context length is {context} tokens. However, you requested "

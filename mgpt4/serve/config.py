@@ -49,7 +49,9 @@ class ServeConfig:
         None, doc="prompt + completion limit; None = min(official max_length 2000, the LLM's positions)"
     )
     max_tokens: int = field(1024, doc="largest max_tokens a request may ask for")
-    default_max_tokens: int = field(300, doc="max_tokens when a request gives none (official 300)")
+    default_max_tokens: int = field(
+        300, doc="max_tokens when a request gives none (official 300; never above max_tokens)"
+    )
     default_temperature: float = field(
         1.0, doc="temperature when a request gives none (official demo samples at 1.0; 0 = greedy)"
     )
@@ -75,10 +77,6 @@ class ServeConfig:
             raise ConfigError("serve.max_images and serve.batch_wait_ms must be >= 0")
         if not 0 <= self.default_temperature <= 2 or self.default_top_p > 1:
             raise ConfigError("serve.default_temperature must be in [0, 2] and default_top_p in (0, 1]")
-        if self.default_max_tokens > self.max_tokens:
-            raise ConfigError(
-                f"serve.default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})"
-            )
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise ConfigError(f"serve.allow_local_images: {self.allow_local_images} is not a directory")
 

@@ -21,7 +21,7 @@ from mgpt4.serve.protocol import bad_request
 # What browsers and the openai client send; PIL refuses to even probe other formats.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # PIL reports broken files as OSError, ValueError or SyntaxError (e.g. "broken PNG file").
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 class ImageLoader:
@@ -113,6 +113,8 @@ class ImageLoader:
                     )
                 image.load()
                 return self.transform(image)
+        except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours: header said so
+            raise bad_request(f"{param}: {exc}", param, "image_too_large") from exc
         except _DECODE_ERRORS as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise bad_request(

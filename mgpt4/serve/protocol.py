@@ -106,7 +106,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
+        # The deepest location is the most specific: for a union field, the member that got furthest.
+        first = max(exc.errors(include_url=False), key=lambda error: len(error["loc"]))
         param = _param_name(first["loc"])
         raise bad_request(f"{param}: {first['msg']}", param=param) from exc
 
