@@ -239,10 +239,8 @@ async def _log_when_row_stops(service: _Service, job: Job, start: float) -> None
 
 
 async def _answer(service: _Service, job: Job, watcher: asyncio.Task, start: float) -> Response:
-    texts: list[str] = []
     try:
-        while (event := await job.queue.get()).kind == "delta":
-            texts.append(event.text)
+        event = await job.queue.get()  # a non-streaming job gets no deltas: done, error or DISCONNECTED
     finally:
         watcher.cancel()
     if event is DISCONNECTED:
@@ -253,7 +251,7 @@ async def _answer(service: _Service, job: Job, watcher: asyncio.Task, start: flo
         raise ApiError(500, event.text)
     _log_job(service.cfg, job, start, 200, event.finish_reason, event.completion_tokens)
     answer = protocol.completion(
-        job.request_id, service.model_name, "".join(texts), event.finish_reason, job.prompt_tokens,
+        job.request_id, service.model_name, event.text, event.finish_reason, job.prompt_tokens,
         event.completion_tokens,
     )  # fmt: skip
     return JSONResponse(answer)

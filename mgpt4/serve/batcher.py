@@ -2,7 +2,8 @@
 
 One worker thread owns the model. A request becomes a ``Job``; the worker takes the oldest waiting
 job, waits up to ``batch_wait_ms`` for others with the same decoding settings (``Decoding.batch_key``),
-and decodes up to ``max_batch_size`` of them in one left-padded ``generate`` call. While a batch runs,
+and decodes up to ``max_batch_size`` of them in one left-padded ``generate`` call (the window also
+reopens when a batch ends, for the clients that batch just answered). While a batch runs,
 new jobs wait for the next one (static batches, rows leave early — no continuous batching).
 
 Every decoding step, ``_Rows`` (a transformers ``StoppingCriteria``, which sees each row's newest
@@ -41,7 +42,7 @@ class Event:
     """What a job's queue receives: ``delta`` text, then one ``done`` (or ``error``)."""
 
     kind: str  # "delta" | "done" | "error"
-    text: str = ""
+    text: str = ""  # delta: the new text; done: the whole answer; error: the message
     finish_reason: str | None = None  # "stop" | "length"
     completion_tokens: int = 0
 
@@ -69,10 +70,22 @@ class Job:
 
     def emit(self, event: Event) -> None:
         """Called from the worker thread: hand an event to the job's queue on the event loop."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
+        _post([(self, event)])
+
+
+def _post(events: list[tuple[Job, Event]]) -> None:
+    """Deliver events to their jobs' queues with one wake-up of the event loop (all jobs share it)."""
+    if not events:
+        return
+    try:
+        events[0][0].loop.call_soon_threadsafe(_deliver, events)
+    except RuntimeError:  # the loop is closed: the server is shutting down
+        pass
+
+
+def _deliver(events: list[tuple[Job, Event]]) -> None:
+    for job, event in events:
+        job.queue.put_nowait(event)
 
 
 class RowText:
@@ -155,22 +168,28 @@ class _Rows(StoppingCriteria):
         self.rows = rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = []
+        done, events = [], []
         for job, row, token in zip(self.jobs, self.rows, input_ids[:, -1].tolist(), strict=True):
             if job.cancelled and not row.done:
                 row.finish_reason = "cancelled"  # its client left: the last event says how far it got
-                _send(job, row, "")
+                events += _events(job, row, "")
             if not row.done:
-                _send(job, row, row.add(token))
+                events += _events(job, row, row.add(token))
             done.append(row.done)
+        _post(events)  # one event-loop wake-up per step, not one per row
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def _send(job: Job, row: RowText, delta: str) -> None:
-    if delta:
-        job.emit(Event("delta", delta))
+def _events(job: Job, row: RowText, delta: str) -> list[tuple[Job, Event]]:
+    """New text for a streaming job; every job gets a last ``done`` event with the whole answer.
+
+    A non-streaming job gets no deltas: each would wake the event loop, which competes with the
+    decoding loop for the GIL.
+    """
+    events = [(job, Event("delta", delta))] if delta and job.stream else []
     if row.done:
-        job.emit(Event("done", finish_reason=row.finish_reason, completion_tokens=len(row.ids)))
+        events.append((job, Event("done", row.shown, row.finish_reason, len(row.ids))))
+    return events
 
 
 class Batcher:
@@ -193,6 +212,8 @@ class Batcher:
         self._running = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._last_batch_end = 0.0
+        self._last_batch_size = 0
         self._thread = threading.Thread(target=self._work, name="mgpt4-serve-batcher", daemon=True)
         self.batches = 0  # how many generate calls ran (for tests and logs)
 
@@ -250,20 +271,29 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running = 0
+                    self._last_batch_end = time.monotonic()
 
     def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job and up to ``max_batch_size - 1`` compatible others, once the window ends."""
+        """The oldest waiting job and up to ``max_batch_size - 1`` compatible others, once the window ends.
+
+        The window is spent only under concurrent load (the last batch had company, or jobs already
+        wait together), so a lone client never waits. It opens when the oldest job arrived or the
+        last batch ended, whichever is later: the clients that batch answered get the window to send
+        their next request, so that steady load does not lock into alternating part-full batches
+        (2, 6, 2, 6 … under 8 clients).
+        """
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
             key = self._pending[0].key
-            deadline = self._pending[0].enqueued + self.batch_wait
+            deadline = max(self._pending[0].enqueued, self._last_batch_end) + self.batch_wait
             while not self._stopping:
                 same = [job for job in self._pending if job.key == key]
+                company = self._last_batch_size > 1 or len(same) > 1
                 left = deadline - time.monotonic()
-                if len(same) >= self.max_batch_size or left <= 0 or not same:
+                if len(same) >= self.max_batch_size or left <= 0 or not same or not company:
                     break
                 self._cond.wait(left)
             batch = [job for job in self._pending if job.key == key][: self.max_batch_size]
@@ -271,7 +301,7 @@ class Batcher:
             for job in batch:
                 self._pending.remove(job)
                 job.started, job.batch_size = started, len(batch)
-            self._running = len(batch)
+            self._running = self._last_batch_size = len(batch)
             return None if self._stopping else batch
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -301,4 +331,4 @@ class Batcher:
         )
         for job, row in zip(jobs, rows, strict=True):
             if not row.done:  # generate stopped first (its max_new_tokens is every row's largest)
-                _send(job, row, row.finish("length"))
+                _post(_events(job, row, row.finish("length")))

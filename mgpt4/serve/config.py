@@ -58,7 +58,9 @@ class ServeConfig:
     default_top_p: float = field(0.9, doc="top_p when a request gives none (official demo 0.9)")
     repetition_penalty: float = field(1.05, doc="penalty on generated tokens (official demo 1.05)")
     max_batch_size: int = field(8, doc="requests decoded together in one generate call at most")
-    batch_wait_ms: float = field(10.0, doc="how long the first waiting request waits for others to join")
+    batch_wait_ms: float = field(
+        50.0, doc="under concurrent load, how long a batch waits for more requests before it starts"
+    )
     max_queue: int = field(256, doc="requests waiting or running at most; more get 429")
     json: bool = field(False, doc="log one JSON line per request (latency, tokens, batch size)")
 
