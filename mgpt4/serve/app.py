@@ -113,7 +113,7 @@ def create_app(model: MiniGPT4, cfg: ServeConfig) -> FastAPI:
         try:
             service.check_auth(request)
             body = await _read_body(request, cfg.max_body_bytes)
-            job, include_usage, stream = await _prepare(service, request, body)
+            job, include_usage, stream = await _prepare(service, body)
         except ApiError as exc:
             _log_request(cfg, {"status": exc.status, "error": exc.message, "latency_s": _since(start)})
             raise
@@ -158,7 +158,7 @@ async def _read_body(request: Request, cap: int) -> bytes:
     return bytes(body)
 
 
-async def _prepare(service: _Service, request: Request, body: bytes) -> tuple[Job, bool, bool]:
+async def _prepare(service: _Service, body: bytes) -> tuple[Job, bool, bool]:
     cfg, model = service.cfg, service.model
     parsed = protocol.parse_request(body)
     decoding = decoding_from_request(parsed, cfg)

@@ -34,6 +34,7 @@ from mgpt4.serve.messages import Decoding
 
 log = logging.getLogger("mgpt4.serve")
 
+SHUTDOWN = "the server is shutting down"
 REPLACEMENT_CHAR = "\ufffd"  # what a multi-byte character decodes to until its last byte arrives
 
 
@@ -63,6 +64,7 @@ class Job:
     started: float | None = None  # when its batch began
     batch_size: int = 0
     cancelled: bool = False  # set from the event loop when the client goes away
+    shutdown: bool = False  # cancelled because the server stops: its client gets an error
 
     @property
     def key(self) -> tuple:
@@ -172,7 +174,7 @@ class _Rows(StoppingCriteria):
         for job, row, token in zip(self.jobs, self.rows, input_ids[:, -1].tolist(), strict=True):
             if job.cancelled and not row.done:
                 row.finish_reason = "cancelled"  # its client left: the last event says how far it got
-                events += _events(job, row, "")
+                events += [(job, Event("error", SHUTDOWN))] if job.shutdown else _events(job, row, "")
             if not row.done:
                 events += _events(job, row, row.add(token))
             done.append(row.done)
@@ -210,6 +212,7 @@ class Batcher:
         self.max_queue = max_queue
         self._pending: list[Job] = []
         self._running = 0
+        self._batch: list[Job] = []  # the jobs being decoded
         self._cond = threading.Condition()
         self._stopping = False
         self._last_batch_end = 0.0
@@ -221,11 +224,13 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the running batch, drop waiting jobs, end the worker."""
+        """Stop the running batch's rows at their next step, drop waiting jobs, end the worker."""
         with self._cond:
             self._stopping = True
             for job in self._pending:
-                job.emit(Event("error", "the server is shutting down"))
+                job.emit(Event("error", SHUTDOWN))
+            for job in self._batch:
+                job.shutdown = job.cancelled = True
             self._pending.clear()
             self._cond.notify_all()
         if self._thread.is_alive():
@@ -270,7 +275,7 @@ class Batcher:
                     job.emit(Event("error", f"generation failed: {type(exc).__name__}: {exc}"))
             finally:
                 with self._cond:
-                    self._running = 0
+                    self._running, self._batch = 0, []
                     self._last_batch_end = time.monotonic()
 
     def _next_batch(self) -> list[Job] | None:
@@ -285,24 +290,27 @@ class Batcher:
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping:  # stop() already answered every waiting job
                 return None
             key = self._pending[0].key
             deadline = max(self._pending[0].enqueued, self._last_batch_end) + self.batch_wait
-            while not self._stopping:
+            while True:
                 same = [job for job in self._pending if job.key == key]
                 company = self._last_batch_size > 1 or len(same) > 1
                 left = deadline - time.monotonic()
                 if len(same) >= self.max_batch_size or left <= 0 or not same or not company:
                     break
                 self._cond.wait(left)
+                if self._stopping:
+                    return None
             batch = [job for job in self._pending if job.key == key][: self.max_batch_size]
             started = time.monotonic()
             for job in batch:
                 self._pending.remove(job)
                 job.started, job.batch_size = started, len(batch)
             self._running = self._last_batch_size = len(batch)
-            return None if self._stopping else batch
+            self._batch = batch
+            return batch
 
     def _decode(self, jobs: list[Job]) -> None:
         for job in [job for job in jobs if job.cancelled]:  # left while the window was open
