@@ -16,7 +16,7 @@ from __future__ import annotations
 from mgpt4.errors import UsageError
 from mgpt4.serve.config import ServeConfig
 
-__all__ = ["ServeConfig", "create_app", "run_serve", "ServeHandle", "require_serve_extra"]
+__all__ = ["ServeConfig", "ServeHandle", "ServeResult", "create_app", "require_serve_extra", "run_serve"]
 
 INSTALL_HINT = "pip install 'mgpt4[serve]'"
 

@@ -34,7 +34,14 @@ from __future__ import annotations
 import dataclasses
 
 from mgpt4.config import GenerateConfig
-from mgpt4.conversation import CHAT_SYSTEM, IMAGE_SLOT, ChatTurn, chat_prompt, split_at_images
+from mgpt4.conversation import (
+    CHAT_SYSTEM,
+    IMAGE_PLACEHOLDER,
+    IMAGE_SLOT,
+    ChatTurn,
+    chat_prompt,
+    split_at_images,
+)
 from mgpt4.serve.config import ServeConfig
 from mgpt4.serve.protocol import ChatCompletionRequest, ImagePart, Message, TextPart, bad_request
 
@@ -145,15 +152,24 @@ def _parts(message: Message, where: str) -> tuple[list[str], list[str], list[str
     if message.content is None:
         return [], [], []
     if isinstance(message.content, str):
-        return [message.content], [], []
+        return [_text(message.content, f"{where}.content")], [], []
     texts, urls, params = [], [], []
     for index, part in enumerate(message.content):
         if isinstance(part, TextPart):
-            texts.append(part.text)
+            texts.append(_text(part.text, f"{where}.content[{index}].text"))
         elif isinstance(part, ImagePart):
             urls.append(part.image_url.url)
             params.append(f"{where}.content[{index}].image_url.url")
     return texts, urls, params
+
+
+def _text(text: str, param: str) -> str:
+    """Message text; the image placeholder is refused, since the model splices an image at each one."""
+    if IMAGE_PLACEHOLDER in text:
+        raise bad_request(
+            f"{param}: text may not contain {IMAGE_PLACEHOLDER}; send images as image_url parts", param
+        )
+    return text
 
 
 def prompt_length(tokenizer, prompt: str, num_image_tokens: int) -> int:

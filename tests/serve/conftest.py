@@ -1,18 +1,8 @@
-"""A real uvicorn server on a free loopback port, serving the saved micro model, for the serve tests.
-
-``start_server(**overrides)`` runs ``run_serve`` — the function ``mgpt4 serve`` calls — in a thread
-and yields a ``Running`` with its URL, an ``openai`` client, and the JSON request-log lines.
-"""
+"""Serve tests run a real uvicorn server (``helpers.serving.start_server``) on the saved micro model."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
-import logging
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -22,30 +12,7 @@ from mgpt4.infer.loading import load_model
 from mgpt4.model.minigpt4 import MiniGPT4
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'mgpt4[serve]'")
-openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install 'mgpt4[dev]'")
-
-from mgpt4.serve import ServeConfig, run_serve  # noqa: E402
-
-
-@dataclass
-class Running:
-    url: str
-    client: openai.OpenAI
-    logs: list[dict] = field(default_factory=list)  # JSON request-log lines, parsed
-
-    def chat(self, messages, **params):
-        params.setdefault("temperature", 0)
-        params.setdefault("max_tokens", 8)
-        return self.client.chat.completions.create(model="micro", messages=messages, **params)
-
-
-class _Capture(logging.Handler):
-    def __init__(self, lines: list[dict]) -> None:
-        super().__init__(logging.INFO)
-        self.lines = lines
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
+pytest.importorskip("openai", reason="the dev extra is not installed: pip install 'mgpt4[dev]'")
 
 
 @pytest.fixture(scope="session")
@@ -54,61 +21,20 @@ def serve_model(micro_model_dir) -> MiniGPT4:
     return load_model(ModelConfig(), checkpoint=micro_model_dir, device="cpu")
 
 
-@contextlib.contextmanager
-def start_server(model: MiniGPT4, api_key: str = "unused", **overrides) -> Iterator[Running]:
-    """Run ``run_serve`` on 127.0.0.1:0 in a thread; stop it (and wait for it) on exit."""
-    cfg = ServeConfig(port=0, json=True, **overrides)
-    ready = threading.Event()
-    handles = []
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            run_serve(cfg, model, ready=lambda handle: (handles.append(handle), ready.set()))
-        except BaseException as exc:  # reported to the test below
-            errors.append(exc)
-            ready.set()
-
-    lines: list[dict] = []
-    capture = _Capture(lines)
-    request_log = logging.getLogger("mgpt4.serve.requests")
-    request_log.addHandler(capture)
-    request_log.setLevel(logging.INFO)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(60), "the server did not start within 60 s"
-        if errors:
-            raise errors[0]
-        handle = handles[0]
-        client = openai.OpenAI(base_url=f"{handle.url}/v1", api_key=api_key, max_retries=0, timeout=120)
-        yield Running(handle.url, client, lines)
-    finally:
-        if handles:
-            handles[0].stop()
-        thread.join(30)
-        request_log.removeHandler(capture)
-    assert not thread.is_alive(), "run_serve did not return after stop()"
-
-
 @pytest.fixture(scope="module")
-def server(serve_model) -> Iterator[Running]:
-    """One server for a test module: default caps, a 200 ms batching window so that concurrent
-    test clients on a busy 2-core machine still meet in one batch."""
+def one_thread():
+    """Micro model: one intra-op thread is faster, and much faster on a shared CPU."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # micro model: one intra-op thread is faster on a shared CPU
-    with start_server(serve_model, batch_wait_ms=200, max_images=4) as running:
-        yield running
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(threads)
 
 
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+@pytest.fixture(scope="module")
+def server(serve_model, one_thread) -> Iterator:
+    """One server for a test module: default caps, and a 200 ms batching window so that concurrent
+    test clients on a busy 2-core machine still meet in one batch."""
+    from helpers.serving import start_server
 
-
-def image_message(text: str, url: str) -> dict:
-    """A user message as the openai client sends text + image: content parts."""
-    return {
-        "role": "user",
-        "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
-    }
+    with start_server(serve_model, batch_wait_ms=200, max_images=4) as running:
+        yield running

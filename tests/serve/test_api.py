@@ -9,8 +9,8 @@ import urllib.request
 
 import httpx2 as httpx
 import pytest
-from conftest import data_url, image_message
 from helpers.loopback_http import make_png
+from helpers.serving import data_url, image_message
 
 from mgpt4.config import GenerateConfig
 from mgpt4.infer.chat import ChatSession

@@ -8,10 +8,10 @@ import json
 
 import httpx2 as httpx
 import numpy as np
+import openai
 import pytest
-import torch
-from conftest import data_url, image_message, openai, start_server
 from helpers.loopback_http import LoopbackServer, make_png, png_header_only
+from helpers.serving import data_url, image_message, start_server
 from PIL import Image
 
 from mgpt4.errors import ConfigError
@@ -21,10 +21,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def capped(serve_model, tmp_path_factory):
+def capped(serve_model, one_thread, tmp_path_factory):
     """A server with small caps, a local image folder, remote images on, and a 1 s fetch deadline."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("allowed_images")
     (folder / "inside.png").write_bytes(make_png(40, 40, seed=1))
     with LoopbackServer() as images:
@@ -42,7 +40,6 @@ def capped(serve_model, tmp_path_factory):
             running.images = images
             running.folder = folder
             yield running
-    torch.set_num_threads(threads)
 
 
 def post(server, body, raw: bytes | None = None, headers: dict | None = None) -> httpx.Response:
@@ -137,6 +134,7 @@ BAD_REQUESTS = {
         None,
         None,
     ),
+    "image placeholder in text": (ask("look <ImageHere> here"), "messages[0].content", None),
     "ftp URL": (ask([{"type": "image_url", "image_url": {"url": "ftp://example.org/a.png"}}]), None, None),
 }
 

@@ -7,9 +7,8 @@ import os
 import shutil
 
 import pytest
-import torch
-from conftest import data_url, start_server
 from helpers.loopback_http import make_png
+from helpers.serving import data_url, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 # No GPU, no sandbox (root in CI), and no traffic beyond the loopback server under test.
@@ -40,12 +39,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server(serve_model):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def page_server(serve_model, one_thread):
     with start_server(serve_model) as running:
         yield running
-    torch.set_num_threads(threads)
 
 
 def test_attach_ask_stream_follow_up_and_reset(browser, page_server, tmp_path):
