@@ -233,6 +233,7 @@ class MiniGPT4(nn.Module):
         images: torch.Tensor | Sequence[torch.Tensor],
         config: GenerateConfig | None = None,
         streamer=None,
+        stopping_criteria: Sequence[StoppingCriteria] = (),
     ) -> list[Generation]:
         """Answer each prompt; a row stops at its own ``###`` (or EOS) while the others go on.
 
@@ -245,6 +246,8 @@ class MiniGPT4(nn.Module):
             images: (B, 3, H, W) — one image per prompt — or B tensors (k_i, 3, H, W).
             config: decoding settings (greedy by default).
             streamer: optional transformers streamer (``put``/``end``), for chat's live output.
+            stopping_criteria: more per-row criteria, checked with the stop strings each step (the
+                server's: a row whose client left, or that reached its own limit, stops early).
         """
         config = config or GenerateConfig()
         groups = [images[i : i + 1] for i in range(len(images))] if torch.is_tensor(images) else list(images)
@@ -268,12 +271,14 @@ class MiniGPT4(nn.Module):
                 self.llama_model, inputs_embeds, attention_mask, config, **ends
             )
         else:
-            stop = _StopOnString(tok, stops, self._vocab_size(), self.device)
-            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, stop, streamer).tolist()
+            criteria = StoppingCriteriaList(
+                [_StopOnString(tok, stops, self._vocab_size(), self.device), *stopping_criteria]
+            )
+            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, criteria, streamer).tolist()
         return [self._finish(row_ids, stops) for row_ids in output_ids]
 
     def _hf_generate(
-        self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer
+        self, inputs_embeds, attention_mask, config: GenerateConfig, criteria: StoppingCriteriaList, streamer
     ) -> torch.Tensor:
         # transformers 4.30 (the official stack) seeds the output with BOS when given only inputs_embeds,
         # so its repetition penalty covers BOS from the first step; transformers 5 starts from no ids.
@@ -291,7 +296,7 @@ class MiniGPT4(nn.Module):
             top_k=None,
             repetition_penalty=1.0,
             logits_processor=LogitsProcessorList([penalty]),
-            stopping_criteria=StoppingCriteriaList([stop]),
+            stopping_criteria=criteria,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
