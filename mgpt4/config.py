@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -40,9 +41,51 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text safely (no code, YAML 1.2 booleans)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+def parse_yaml(text: str, source: str | None = None) -> Any:
+    """Parse YAML text safely (no code, YAML 1.2 booleans).
+
+    Args:
+        text: the YAML.
+        source: what the text is (a file, ``/set KEY``); when given, bad YAML — including a tag such
+            as ``!!python/object``, which the safe loader refuses — raises ``ConfigError`` naming it.
+            Without it the ``yaml.YAMLError`` propagates.
+    """
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)})") from exc
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (``line 2, column 5: …``)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file holding a mapping (a recipe, a saved ``config.yaml``); every failure names the file.
+
+    Raises:
+        ConfigError: unreadable, not UTF-8, not valid (safe) YAML, or not a mapping.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text: {exc.reason}"
+        raise ConfigError(f"{file}: cannot read ({reason})") from exc
+    data = parse_yaml(text, source=str(file))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -97,6 +140,35 @@ class GenerateConfig:
     )
     seed: int = field(42, doc="random seed for sampling")
 
+    def validate(self) -> None:
+        """Refuse settings generation would fail on (or silently misuse), naming the key.
+
+        Runs whenever a config embedding this is loaded, and on chat's ``/set``.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        numbers = {"temperature": self.temperature, "top_p": self.top_p,
+                   "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        for key, value in numbers.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"generate.{key}: must be a finite number, got {value}")
+        problems = {
+            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+            "num_beams": (self.num_beams >= 1, "at least 1 (1 = no beam search)"),
+            "max_length": (self.max_length >= 1, "at least 1"),
+            # HF refuses temperature <= 0 when sampling; greedy decoding is do_sample=false (--greedy).
+            "temperature": (self.temperature > 0, "above 0 (for greedy decoding set do_sample=false)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "repetition_penalty": (self.repetition_penalty > 0, "above 0 (1.0 = no penalty)"),
+            "seed": (-(2**63) <= self.seed < 2**64, "within torch.manual_seed's range [-2^63, 2^64)"),
+        }
+        for key, (ok, wanted) in problems.items():
+            if not ok:
+                raise ConfigError(f"generate.{key}: must be {wanted}, got {getattr(self, key)}")
+        if not all(self.stop):
+            raise ConfigError(f"generate.stop: every stop string must be non-empty, got {self.stop}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading: YAML → overrides → coercion → validation
@@ -114,20 +186,20 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=3e-5)")
-        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else raw)
+        try:
+            value = parse_yaml(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {key.strip()}: not valid YAML ({problem}) in {raw!r}; fix the value or quote it"
+            ) from exc
+        _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe YAML from a path, or a built-in one by name (``micro_stage1``)."""
-    file = resolve_recipe_path(path)
-    try:
-        data = parse_yaml(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: a recipe must be a mapping of keys to values")
-    return data
+    return read_yaml_file(resolve_recipe_path(path))
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -9,14 +9,20 @@ a resumed run sees the same list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mgpt4.data.images import open_image
+from mgpt4.data.shards import ShardImage, find_shards, iter_shard_images
 from mgpt4.errors import DataError, UsageError
+
+log = logging.getLogger("mgpt4.curate")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -30,17 +36,16 @@ class SourceImage:
     read_bytes: Callable[[], bytes]
 
     def load(self) -> Image.Image:
-        """Decode as RGB.
+        """Decode as RGB, under the shared pixel cap (``data.images.open_image``).
 
         Raises:
-            DataError: the bytes are not an image.
+            DataError: the file cannot be read, or its bytes are not a usable image.
         """
         try:
-            image = Image.open(io.BytesIO(self.read_bytes()))
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"{self.source}: not a readable image ({exc})") from exc
-        return image.convert("RGB")
+            data = self.read_bytes()
+        except OSError as exc:  # e.g. deleted or made unreadable since the folder was listed
+            raise DataError(f"{self.source}: cannot read ({exc.strerror or exc})") from exc
+        return open_image(data, self.source)
 
     def jpeg_bytes(self, quality: int = 95) -> bytes:
         """The image as JPEG: the original bytes when it already is one, else re-encoded."""
@@ -65,12 +70,12 @@ def iter_images(spec: str, num: int | None = None) -> Iterator[SourceImage]:
         if files:
             return itertools.islice(_folder_images(path, files), num)
         if any(path.glob("*.tar")):
-            return itertools.islice(_shard_images(spec), num)
+            return itertools.islice(_shard_images(_shard_urls(spec)), num)
         raise UsageError(f"--images {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return iter([SourceImage(path.stem, str(path), path.read_bytes)])
     if ".tar" in spec:
-        return itertools.islice(_shard_images(spec), num)
+        return itertools.islice(_shard_images(_shard_urls(spec)), num)
     raise UsageError(f"--images {spec}: no such folder, image or shard set")
 
 
@@ -101,20 +106,25 @@ def _folder_images(root: Path, files: list[Path]) -> Iterator[SourceImage]:
         yield SourceImage(image_id, str(file), file.read_bytes)
 
 
-def _shard_images(spec: str) -> Iterator[SourceImage]:
-    """Samples of a WebDataset shard set in shard order, through ``mgpt4.data.shards``."""
-    import webdataset as wds
+def _shard_urls(spec: str) -> list[str]:
+    try:
+        return find_shards(spec)
+    except UsageError as exc:
+        raise UsageError(f"--images {spec}: no .tar shards found") from exc
 
-    from mgpt4.data.shards import find_shards
 
-    urls = [str(u) for u in find_shards(spec)]
-    if not urls:
-        raise UsageError(f"--images {spec}: no .tar shards found")
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        key = sample.get("__key__", "")
-        data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if data is None:
+def _shard_images(urls: list[str]) -> Iterator[SourceImage]:
+    """Samples of a shard set in shard and tar order; a sample that cannot be read still gets its id
+    (and is journaled as unreadable), a broken shard is logged and the next one is read."""
+    for sample in iter_shard_images(urls):
+        if not sample.key:
+            log.warning("%s: %s; curating the rest of the set", sample.shard, sample.error)
             continue
-        source = f"{sample.get('__url__', spec)}:{key}"
-        yield SourceImage(Path(key).name, source, lambda data=data: data)
+        source = f"{sample.shard}:{sample.key}"
+        yield SourceImage(Path(sample.key).name, source, functools.partial(_sample_bytes, sample, source))
+
+
+def _sample_bytes(sample: ShardImage, source: str) -> bytes:
+    if sample.data is None:
+        raise DataError(f"{source}: {sample.error}")
+    return sample.data

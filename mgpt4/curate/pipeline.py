@@ -32,6 +32,7 @@ from mgpt4.curate.images import SourceImage, count_images, iter_images
 from mgpt4.curate.report import write_report
 from mgpt4.data.aligned import write_aligned
 from mgpt4.errors import DataError, UsageError
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.curate")
 
@@ -103,8 +104,7 @@ def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> dict[str,
     cfg.validate()
     start = time.perf_counter()
     sources = iter_images(cfg.images, cfg.num)  # fails on a bad --images before anything is written
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(cfg.out, "--out", folder=True)
     save_config(
         dataclasses.replace(cfg, fixer=dataclasses.replace(cfg.fixer, key=None)),
         out / "curate.yaml",
@@ -374,6 +374,7 @@ def run_review(out: str | Path, reject_ids: Sequence[str], fixer_name: str = "")
     journal = records.read_journal(out)
     if not journal:
         raise UsageError(f"{out / records.JOURNAL}: missing or empty — run `mgpt4 curate` into {out} first")
+    check_writable(out, "--out", folder=True)
     latest = records.latest_records(journal)
     wanted = list(dict.fromkeys(reject_ids))
     unknown = [i for i in wanted if i not in latest]

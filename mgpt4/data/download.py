@@ -88,6 +88,11 @@ class DownloadConfig:
     shard_size: int = field(10000, doc="input rows per shard")
     processes: int = field(0, doc="worker processes (0 = one per CPU core)")
     threads: int = field(32, doc="threads per process, each fetching and resizing one image at a time")
+    decode_memory_mb: int = field(
+        512,
+        doc="decoded-image memory per process in MiB: threads wait for room before decoding, "
+        "an image needing more decodes alone (README: memory bound)",
+    )
     retry_failed: bool = field(
         False, doc="re-fetch rows of complete shards that failed for transient reasons"
     )
@@ -99,6 +104,7 @@ class DownloadConfig:
         positive = {
             "shard_size": self.shard_size,
             "threads": self.threads,
+            "decode_memory_mb": self.decode_memory_mb,
             "image.size": self.image.size,
             "fetch.max_per_host": self.fetch.max_per_host,
             "fetch.max_bytes": self.fetch.max_bytes,
@@ -144,27 +150,50 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
     paths = sources.check_inputs(cfg.inputs)
     cfg = dataclasses.replace(cfg, inputs=[str(p.resolve()) for p in paths])
     columns = sources.resolve_columns(cfg.url_col, cfg.caption_col, cfg.preset)
-    folder = Path(cfg.output)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{folder}: cannot create the output folder ({exc})") from exc
+    sources.check_columns(paths, columns)
+    folder = _output_folder(Path(cfg.output))
     with _folder_lock(folder):
         _check_same_settings(folder, cfg)
-        save_config(cfg, folder / CONFIG_FILE, header="mgpt4 download --config " + str(folder / CONFIG_FILE))
+        try:
+            save_config(cfg, folder / CONFIG_FILE, header=f"mgpt4 download --config {folder / CONFIG_FILE}")
+        except OSError as exc:
+            raise DataError(f"{folder / CONFIG_FILE}: cannot write ({exc.strerror or exc})") from exc
         counts = [sources.count_rows(p) for p in paths]
         total = sum(counts) if all(c is not None for c in counts) else None
         started = time.monotonic()
-        spec = WorkerSpec(folder, cfg.fetch_settings(), cfg.image_settings(), cfg.threads)
+        spec = WorkerSpec(
+            folder, cfg.fetch_settings(), cfg.image_settings(), cfg.threads, cfg.decode_memory_mb << 20
+        )
         pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)
         with DownloadProgress(total, show_progress) as progress, sigterm_as_interrupt():
             results, shards = execute(_plan(paths, columns, cfg, folder, progress), pool, progress)
         return _summary(cfg, folder, results, shards, time.monotonic() - started)
 
 
+def _output_folder(folder: Path) -> Path:
+    """Create the output folder; a path that cannot be one is the user's to change (UsageError)."""
+    hint = "choose another output folder with -o"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: is a file, not a folder; {hint}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{folder}: cannot create the output folder ({exc.strerror or exc}); {hint}"
+        ) from exc
+    return folder
+
+
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    with open(folder / _LOCK_FILE, "w") as handle:
+    try:
+        handle = open(folder / _LOCK_FILE, "w")  # noqa: SIM115 - `with handle` below closes it
+    except OSError as exc:
+        raise UsageError(
+            f"{folder}: cannot write to the output folder ({exc.strerror or exc}); "
+            "choose another output folder with -o"
+        ) from exc
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -173,8 +202,10 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
+    """The saved settings guard the shards written with them; with no shard yet (a run that failed on
+    its inputs or columns, or was stopped at once) there is nothing to guard and they are replaced."""
     saved_path = folder / CONFIG_FILE
-    if not saved_path.is_file():
+    if not saved_path.is_file() or not shard_writer.has_shard_files(folder):
         return
     try:
         saved = load_config(DownloadConfig, saved_path)

@@ -32,6 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from mgpt4.data.decode_budget import DecodeBudget, release_freed_bitmaps
 from mgpt4.data.download_report import DownloadProgress
 from mgpt4.data.fetch import Fetcher, FetchSettings
 from mgpt4.data.shard_download import ImageSettings, ShardJob, ShardResult, download_shard
@@ -48,6 +49,7 @@ class WorkerSpec:
     fetch: FetchSettings
     image: ImageSettings
     threads: int
+    decode_memory: int  # bytes of decoded images per process (mgpt4.data.decode_budget)
 
 
 @dataclasses.dataclass
@@ -69,15 +71,20 @@ class _StopFlag:
         return self._flag.is_set() or (self._parent_pid is not None and os.getppid() != self._parent_pid)
 
 
-_worker: dict[str, Any] = {}  # per worker: spec, fetcher (its connections), stop flag, progress queue
+_worker: dict[str, Any] = {}  # per worker: spec, fetcher, decode budget, stop flag, progress queue
 
 
 def _init_worker(spec: WorkerSpec, progress_queue: Any, stop: Any, parent_pid: int | None) -> None:
     if parent_pid is not None:  # a child process: the parent owns Ctrl-C and sets `stop`
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    release_freed_bitmaps()
     _worker.update(
-        spec=spec, queue=progress_queue, stop=_StopFlag(stop, parent_pid), fetcher=Fetcher(spec.fetch)
+        spec=spec,
+        queue=progress_queue,
+        stop=_StopFlag(stop, parent_pid),
+        fetcher=Fetcher(spec.fetch),
+        budget=DecodeBudget(spec.decode_memory),
     )
 
 
@@ -109,7 +116,9 @@ def _run_job(job: ShardJob) -> ShardResult:
 
     spec: WorkerSpec = w["spec"]
     try:
-        return download_shard(job, spec.folder, w["fetcher"], spec.image, spec.threads, w["stop"], report)
+        return download_shard(
+            job, spec.folder, w["fetcher"], spec.image, spec.threads, w["stop"], report, w["budget"]
+        )
     finally:
         with lock:
             w["queue"].put((counts[0], counts[1]))

@@ -11,16 +11,24 @@ Speed: for JPEG input the decoder is asked for a DCT-domain reduction (``Image.d
 scale (1/2, 1/4, 1/8) still at least as large as the target, so a 1024 px photo bound for 224 px is
 decoded at 256 px — several times less work than decoding it whole and then shrinking. Pillow releases
 the GIL while decoding, resizing and encoding, so threads calling ``process_image`` run in parallel.
+
+Memory: nothing is decoded before the header's pixel count passes ``max_pixels``; the bitmap's cost is
+then estimated from the header (``decode_cost``, after the JPEG reduction) and reserved from the
+process's ``DecodeBudget`` for as long as the image is being worked on. Each step frees the bitmap it
+came from before the next one starts, so at most two full-size bitmaps (three for PA images) are alive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mgpt4.data.decode_budget import DecodeBudget
 
 ResizeMode = Literal["border", "center_crop", "keep_ratio", "no"]
 RESIZE_MODES: tuple[str, ...] = ("border", "center_crop", "keep_ratio", "no")
@@ -31,6 +39,19 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _EXIF_ORIENTATION = 0x0112
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+# Peak bytes per decoded pixel while ``_render`` works on one image. Pillow stores every multi-band mode
+# in 4 bytes per pixel (RGB too; 1 for L/P/1, 2 for I;16), and each step below keeps the bitmap it came
+# from alive only until it has made the next: decoded + converted = 8 B, PA → RGBA → RGB on white = 12 B.
+# Measured peak RSS per pixel of 4000×3000 images: PNG RGB 4, RGBA/LA 8, P 9, TIFF 4, GIF 5, BMP 4,
+# JPEG 2000 6, AVIF 8.
+_PEAK_BYTES_PER_PIXEL = 12
+# A progressive JPEG keeps every DCT coefficient of the whole image while it decodes (libjpeg's
+# full-image coefficient arrays: 2 bytes × up to 3 components per pixel), whatever scale it decodes at.
+_PROGRESSIVE_JPEG_BYTES_PER_PIXEL = 6
+# WebP decodes through libwebp's animation decoder, which keeps its own RGBA canvas and hands Pillow a
+# copy of it: 8 bytes per pixel more (15 B/px measured for a 4000×3000 RGB WebP, 4 for the same PNG).
+_WEBP_DECODER_BYTES_PER_PIXEL = 8
 
 
 class ImageError(Exception):
@@ -59,6 +80,7 @@ def process_image(
     quality: int = 95,
     min_size: int = 0,
     max_pixels: int = 89_478_485,
+    budget: DecodeBudget | None = None,
 ) -> ProcessedImage:
     """Decode ``data``, resize it per ``mode`` and encode it as JPEG.
 
@@ -69,26 +91,30 @@ def process_image(
         quality: JPEG quality (1-100).
         min_size: reject images whose shorter side is smaller than this.
         max_pixels: reject images with more pixels than this before decoding (decompression bombs).
+        budget: the process's decode budget; the image's ``decode_cost`` is reserved from it (waiting
+            for room) before decoding starts and released when the JPEG is made. None: no limit.
 
     Raises:
         ImageError: kinds ``not_image``, ``decompression_bomb``, ``too_small``, ``truncated``,
             ``decode_error``.
     """
     img = _open(data, max_pixels)
-    rotated = _orientation(img) in _ROTATED
-    original_w, original_h = (img.height, img.width) if rotated else img.size
-    if min(original_w, original_h) < min_size:
-        raise ImageError("too_small", f"image too small: {original_w}x{original_h} < {min_size} px")
-    scaled = _scaled_size(original_w, original_h, size, mode)
+    stored = img.size  # as stored, before any EXIF rotation
+    if min(stored) < min_size:
+        raise ImageError("too_small", f"image too small: {stored[0]}x{stored[1]} < {min_size} px")
     try:
-        if img.format == "JPEG" and scaled != (original_w, original_h):
-            img.draft("RGB", (scaled[1], scaled[0]) if rotated else scaled)
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        img = _to_rgb(img)
-        img = _resize(img, scaled, size, mode)
-        out = io.BytesIO()
-        img.save(out, "JPEG", quality=quality)
+        if img.format == "JPEG":  # its EXIF is in the header (a PNG's may follow the pixels: read later)
+            orientation = _orientation(img)
+            upright = _upright(stored, orientation)
+            scaled = _scaled_size(*upright, size, mode)
+            if scaled != upright:
+                img.draft("RGB", scaled[::-1] if orientation in _ROTATED else scaled)
+        cost = decode_cost(img, stored[0] * stored[1], _scaled_size(*stored, size, mode), size)
+        with budget.reserve(cost) if budget is not None else contextlib.nullcontext():
+            try:
+                return _render(img, stored, size, mode, quality)
+            finally:
+                img.close()  # the bitmap is freed before the reservation is
     except Image.DecompressionBombError as exc:
         raise ImageError("decompression_bomb", f"decompression bomb: {exc}") from exc
     except OSError as exc:
@@ -96,7 +122,44 @@ def process_image(
         raise ImageError(kind, f"cannot decode image: {exc}") from exc
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise ImageError("decode_error", f"cannot decode image: {exc}") from exc
-    return ProcessedImage(out.getvalue(), img.width, img.height, original_w, original_h)
+
+
+def decode_cost(img: Image.Image, full_pixels: int, scaled: tuple[int, int], size: int) -> int:
+    """Peak bytes that decoding, converting, resizing and encoding ``img`` may hold, from its header.
+
+    Args:
+        img: an opened, not yet loaded image (after any ``draft``, so its size is the decoded size).
+        full_pixels: the pixel count its header declares (a progressive JPEG buffers all of them).
+        scaled: the size the whole image is resized to (either orientation: only its area counts);
+            ``size``: the target side (crop or pad square).
+    """
+    decoded = img.width * img.height
+    output = scaled[0] * scaled[1] + size * size
+    cost = (decoded + output) * _PEAK_BYTES_PER_PIXEL
+    if img.format == "JPEG" and img.info.get("progressive"):
+        cost += full_pixels * _PROGRESSIVE_JPEG_BYTES_PER_PIXEL
+    elif img.format == "WEBP":
+        cost += full_pixels * _WEBP_DECODER_BYTES_PER_PIXEL
+    return cost
+
+
+def _render(img: Image.Image, stored: tuple[int, int], size: int, mode: str, quality: int) -> ProcessedImage:
+    """Decode → upright → RGB → resized → JPEG, closing each bitmap as soon as the next one exists."""
+    img.load()
+    orientation = _orientation(img)
+    original = _upright(stored, orientation)
+    scaled = _scaled_size(*original, size, mode)
+    if orientation != 1:
+        ImageOps.exif_transpose(img, in_place=True)
+    rgb = _to_rgb(img)
+    if rgb is not img:
+        img.close()
+    out = _resize(rgb, scaled, size, mode)
+    if out is not rgb:
+        rgb.close()
+    buffer = io.BytesIO()
+    out.save(buffer, "JPEG", quality=quality)
+    return ProcessedImage(buffer.getvalue(), out.width, out.height, *original)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -122,10 +185,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = as stored). On a PNG not yet loaded this decodes it: call it after load."""
     try:
         return int(img.getexif().get(_EXIF_ORIENTATION, 1))
     except (OSError, ValueError, SyntaxError, TypeError, KeyError):
         return 1  # unreadable EXIF: keep the pixels as stored
+
+
+def _upright(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (stored[1], stored[0]) if orientation in _ROTATED else stored
 
 
 def _scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
@@ -138,18 +206,21 @@ def _scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparency is flattened onto white (as img2dataset does), not onto black."""
+    """RGB; transparency is flattened onto white (as img2dataset does), not onto black.
+
+    Returns ``img`` itself when it is RGB already; otherwise a new image (``img`` is left to the caller).
+    """
     if img.mode == "RGB":
         return img
-    if img.mode == "P" and "transparency" in img.info:
+    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("PA", "RGBa", "La"):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
+    if img.mode in ("RGBA", "LA"):
+        # RGB accepts RGBA and LA pastes as they are, using their alpha as the mask: no RGBA copy needed.
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img)
         return background
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = ImageOps.autocontrast(img.convert("F").convert("L")) if img.mode == "F" else img.convert("L")
+        img = ImageOps.autocontrast(img.convert("L")) if img.mode == "F" else img.convert("L")
     return img.convert("RGB")
 
 

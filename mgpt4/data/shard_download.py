@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from mgpt4.data.decode_budget import DecodeBudget
 from mgpt4.data.fetch import TRANSIENT_KINDS, Fetcher, FetchError
 from mgpt4.data.resize import ImageError, process_image
 from mgpt4.data.shard_writer import ShardWriter
@@ -83,10 +84,12 @@ def download_shard(
     threads: int,
     stop: StopFlag,
     report: Callable[[bool], None],
+    budget: DecodeBudget | None = None,
 ) -> ShardResult:
     """Fetch every row of ``job`` not already in the folder and complete the shard.
 
     Returns a result with ``completed=False`` (partial files left for the next run) when ``stop`` was set.
+    ``budget`` bounds the decoded-image memory of the threads (shared by every shard of the process).
 
     Raises:
         DataError: the shard's files cannot be written (disk full, permissions).
@@ -112,7 +115,7 @@ def download_shard(
             "shard %05d: %d rows kept from an earlier run, %d to fetch", job.shard_id, len(done), len(todo)
         )
     result = ShardResult(job.shard_id, completed=False)
-    state = _ShardState(job, writer, fetcher, image, todo, stop, report, result)
+    state = _ShardState(job, writer, fetcher, image, budget, todo, stop, report, result)
     workers = [threading.Thread(target=state.work, daemon=True) for _ in range(min(threads, len(todo)))]
     for w in workers:
         w.start()
@@ -147,8 +150,8 @@ def _not_transient(record: dict[str, Any]) -> bool:
 class _ShardState:
     """The work queue and the writer, shared by a shard's threads."""
 
-    def __init__(self, job, writer, fetcher, image, todo, stop, report, result) -> None:
-        self.job, self.writer, self.fetcher, self.image = job, writer, fetcher, image
+    def __init__(self, job, writer, fetcher, image, budget, todo, stop, report, result) -> None:
+        self.job, self.writer, self.fetcher, self.image, self.budget = job, writer, fetcher, image, budget
         self.todo, self.stop, self.report, self.result = todo, stop, report, result
         self.lock = threading.Lock()
         self.closed = False
@@ -162,7 +165,7 @@ class _ShardState:
                         return
                     index, row = self.todo.popleft()
                 key = shard_key(self.job.shard_id, index, self.job.shard_size)
-                record, jpeg = process_row(key, row, self.fetcher, self.image)
+                record, jpeg = process_row(key, row, self.fetcher, self.image, self.budget)
                 if not self._store(record, jpeg):
                     return
         finally:
@@ -188,7 +191,7 @@ class _ShardState:
 
 
 def process_row(
-    key: str, row: UrlRow, fetcher: Fetcher, image: ImageSettings
+    key: str, row: UrlRow, fetcher: Fetcher, image: ImageSettings, budget: DecodeBudget | None = None
 ) -> tuple[dict[str, Any], bytes | None]:
     """One input row → its record (img2dataset's fields plus ``error_kind``) and the JPEG on success."""
     record: dict[str, Any] = {
@@ -212,7 +215,9 @@ def process_row(
         log.debug("unexpected error fetching %s", row.url, exc_info=True)
         return _failed(record, "failed_to_download", "internal", f"{type(exc).__name__}: {exc}"), None
     try:
-        out = process_image(body, image.size, image.mode, image.quality, image.min_size, image.max_pixels)
+        out = process_image(
+            body, image.size, image.mode, image.quality, image.min_size, image.max_pixels, budget
+        )
     except ImageError as exc:
         return _failed(record, "failed_to_resize", exc.kind, str(exc)), None
     except Exception as exc:  # Pillow plugins raise a zoo of types on hostile input

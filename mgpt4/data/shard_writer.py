@@ -10,6 +10,13 @@ Redoing is not restarting: ``ShardWriter.open`` salvages every row the journal r
 (if it succeeded) made it into the partial tar intact, so a run killed at 90 % of a shard fetches only
 the missing 10 % again. The same mechanism, fed by a complete shard's parquet and tar, lets
 ``--retry-failed`` re-fetch just the rows that failed for transient reasons.
+
+What an earlier run left is read in layers, newest on top, so a kill at any instant loses nothing that
+was stored: records are the complete shard's parquet overlaid with the journal; a success keeps its
+sample from the partial tar (or a salvage cut short) if it is there, else from the complete tar. A
+``--retry-failed`` killed while it was copying a complete shard into a new partial tar leaves a partial
+holding only some samples: the complete tar, which is replaced only when the new one is whole, still
+has the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -51,6 +59,9 @@ _SAMPLE_JSON_FIELDS = (
     "sha256",
     "error_message",
 )
+_SHARD_FILE = re.compile(
+    r"^\d{5,}(\.tar|\.tar\.partial|\.tar\.salvage|_journal\.jsonl|\.parquet|_stats\.json)$"
+)
 _MAX_STATUS_MESSAGES = 1000  # distinct error messages kept in stats (img2dataset caps its counter too)
 
 
@@ -72,6 +83,11 @@ def completed_rows(folder: Path, shard_id: int) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return count if isinstance(count, int) else None
+
+
+def has_shard_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any shard file, complete or in progress."""
+    return any(_SHARD_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else False
 
 
 def read_records(folder: Path, shard_id: int) -> list[dict[str, Any]]:
@@ -112,23 +128,28 @@ class ShardWriter:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         records = {k: r for k, r in self._earlier_records().items() if keep(r)}
-        source = self._salvage_source()
+        sources = self._salvage_sources()
         self._file = open(self.partial_path, "wb")  # closed in finalize() or close()
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        copied = self._copy_samples(source, records) if source else set()
+        copied = self._copy_samples(sources, records)
         self.records = {k: r for k, r in records.items() if r["status"] != "success" or k in copied}
         tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.records.values())
         tmp.replace(self.journal_path)
-        if source == self.salvage_path:
-            self.salvage_path.unlink()
+        # Only now does the new partial hold every salvaged sample: until here a kill leaves the salvage.
+        self.salvage_path.unlink(missing_ok=True)
         self._journal = open(self.journal_path, "a")  # closed in finalize() or close()
         return dict(self.records)
 
     def _earlier_records(self) -> dict[str, dict[str, Any]]:
-        """Journal lines (later ones win) of an unfinished shard, else the parquet of a finished one."""
+        """A complete shard's parquet (if any), overlaid by the journal of the run that was redoing it."""
         records: dict[str, dict[str, Any]] = {}
+        if self.parquet_path.is_file() and self.tar_path.is_file():
+            try:
+                records = {r["key"]: r for r in read_records(self.folder, self.shard_id)}
+            except (OSError, ValueError):
+                records = {}
         if self.journal_path.is_file():
             with open(self.journal_path, errors="replace") as f:
                 for line in f:
@@ -137,32 +158,33 @@ class ShardWriter:
                     except ValueError:
                         continue  # the line being written when the process died
                     if isinstance(record, dict) and "key" in record and "status" in record:
-                        records[record["key"]] = record
-        elif self.parquet_path.is_file() and self.tar_path.is_file():
-            try:
-                records = {r["key"]: r for r in read_records(self.folder, self.shard_id)}
-            except (OSError, ValueError):
-                records = {}
+                        records[record["key"]] = record  # later lines win
         return records
 
-    def _salvage_source(self) -> Path | None:
-        """The tar holding earlier samples. A leftover ``.salvage`` means an earlier salvage was cut short:
-        it still holds everything, and the ``.partial`` beside it only a part."""
+    def _salvage_sources(self) -> list[Path]:
+        """The tars holding earlier samples, newest first.
+
+        A leftover ``.salvage`` means an earlier salvage was cut short: it still holds everything, and the
+        ``.partial`` beside it only a part. The complete tar comes last: samples the newer tars lack
+        (a copy cut short) are still there.
+        """
         if self.salvage_path.is_file():
             self.partial_path.unlink(missing_ok=True)
-            return self.salvage_path
-        if self.partial_path.is_file():
+        elif self.partial_path.is_file():
             self.partial_path.replace(self.salvage_path)
-            return self.salvage_path
-        return self.tar_path if self.tar_path.is_file() else None
+        return [p for p in (self.salvage_path, self.tar_path) if p.is_file()]
 
-    def _copy_samples(self, source: Path, records: dict[str, dict[str, Any]]) -> set[str]:
-        copied = set()
-        for key, files in _read_samples(source):
-            record = records.get(key)
-            if record is not None and record["status"] == "success":
-                self._write_sample(key, files)
-                copied.add(key)
+    def _copy_samples(self, sources: list[Path], records: dict[str, dict[str, Any]]) -> set[str]:
+        """Copy each successful record's sample once, from the first source holding that very image."""
+        wanted = {k for k, r in records.items() if r["status"] == "success"}
+        copied: set[str] = set()
+        for source in sources:
+            if len(copied) == len(wanted):
+                break
+            for key, files in _read_samples(source):
+                if key in wanted and key not in copied and _same_image(files, records[key]):
+                    self._write_sample(key, files)
+                    copied.add(key)
         return copied
 
     # ---------------------------------------------------------------------------------------------
@@ -207,13 +229,15 @@ class ShardWriter:
         _write_parquet(parquet_tmp, sorted(self.records.values(), key=lambda r: r["key"]))
         stats = self.stats()
         # Unmark first: between the renames below the shard is incomplete, and a rerun must see it so.
+        # A rerun cut in anywhere below finds every row: in the journal (overlaying the parquet, old or
+        # new) with its sample in the new tar, or, once the journal is gone, in the new parquet.
         self.stats_path.unlink(missing_ok=True)
         self.partial_path.replace(self.tar_path)
         parquet_tmp.replace(self.parquet_path)
+        self.journal_path.unlink(missing_ok=True)
         stats_tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
         stats_tmp.write_text(json.dumps(stats, indent=4))
         stats_tmp.replace(self.stats_path)
-        self.journal_path.unlink(missing_ok=True)
         return stats
 
     def close(self) -> None:
@@ -269,6 +293,14 @@ def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         pass  # a torn tail: everything before it was yielded
     if key is not None and _complete(files):
         yield key, files
+
+
+def _same_image(files: dict[str, bytes], record: dict[str, Any]) -> bool:
+    """Whether a stored sample is the one ``record`` describes (same URL, and same bytes when known)."""
+    meta = json.loads(files["json"])
+    if not isinstance(meta, dict) or meta.get("url") != record["url"]:
+        return False
+    return record.get("sha256") is None or meta.get("sha256") == record["sha256"]
 
 
 def _complete(files: dict[str, bytes]) -> bool:

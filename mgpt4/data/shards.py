@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ import torch.utils.data
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from mgpt4.data.images import ImageReadError, open_image
 from mgpt4.errors import DataError, UsageError
 
 log = logging.getLogger("mgpt4.data")
@@ -186,12 +186,10 @@ class _Shard:
         text = text_processor(caption)
         if not text.strip():
             raise _Skip("empty_caption", f"{key}: caption {caption!r} is empty after processing")
-        data = self._bytes(members[image_ext])
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")  # convert() forces a full decode: truncated JPEGs fail here
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, …)
-            raise _Skip("bad_image", f"{key}.{image_ext}: {exc}") from exc
+            image = open_image(self._bytes(members[image_ext]), f"{key}.{image_ext}")
+        except ImageReadError as exc:
+            raise _Skip("bad_image", str(exc)) from exc
         return key, image, text
 
     def _bytes(self, member: tarfile.TarInfo | None) -> bytes | None:
@@ -251,6 +249,46 @@ def iter_samples(
                 yield {"key": key, "image": image, "text": text, "shard": path}
         finally:
             shard.close()
+
+
+@dataclasses.dataclass
+class ShardImage:
+    """One image sample of a shard set as encoded bytes, or why it (or its whole shard) cannot be read."""
+
+    shard: str
+    key: str  # "" when ``error`` is about the whole shard
+    data: bytes | None = None
+    error: str | None = None
+
+
+def iter_shard_images(shards: Sequence[str]) -> Iterator[ShardImage]:
+    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (describe, curate).
+
+    Unlike ``iter_samples`` nothing is skipped silently and no caption is needed: a sample without an
+    image member or whose member cannot be read is a failure for that key; a shard that cannot be
+    opened, or is cut off, yields one failure after the samples read before the damage, and the next
+    shard is read as usual.
+    """
+    for path in shards:
+        damage: list[_Skip] = []
+        shard = _Shard(path, lambda skip, _where, damage=damage: damage.append(skip))  # during __init__
+        try:
+            for key, members in shard.samples:
+                image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+                if image_ext is None:
+                    yield ShardImage(path, key, error=f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+                    continue
+                try:
+                    data = shard._bytes(members[image_ext])
+                except _Skip as skip:
+                    yield ShardImage(path, key, error=str(skip))
+                    continue
+                yield ShardImage(path, key, data)
+        finally:
+            shard.close()
+        for skip in damage:
+            detail = str(skip).strip().splitlines()[0] if str(skip).strip() else skip.reason
+            yield ShardImage(path, "", error=f"{skip.reason.replace('_', ' ')} ({detail})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ sits in memory twice. A row that cannot be read (bad JSON line, missing field) i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -110,6 +111,22 @@ def check_inputs(paths: Sequence[str | Path]) -> list[Path]:
         detect_format(path)
         out.append(path)
     return out
+
+
+def check_columns(paths: Sequence[str | Path], columns: Columns) -> None:
+    """Read the first row of each input, so a missing URL column is reported before anything is written.
+
+    A ``.json`` list is skipped: the format makes reading its first row cost a parse of the whole file,
+    which ``iter_rows`` does anyway when it reaches it.
+
+    Raises:
+        UsageError: a file lacks the URL column.
+        DataError: a file is unreadable as its format.
+    """
+    for path in paths:
+        if detect_format(path) != "json":
+            with contextlib.closing(iter_rows([path], columns)) as rows:
+                next(rows, None)
 
 
 def iter_rows(paths: Sequence[str | Path], columns: Columns) -> Iterator[UrlRow]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from mgpt4.data.images import open_image
 from mgpt4.errors import DataError, UsageError
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -215,12 +216,11 @@ def read_image_folder(folder: str | Path) -> list[ShapeSample]:
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-                with Image.open(index.parent / row["image"]) as img:
-                    image = img.convert("RGB")
+                image = open_image(index.parent / row["image"])
                 samples.append(
                     ShapeSample(row["key"], image, row["caption"], row["detailed"], row["attributes"])
                 )
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, DataError) as exc:
                 raise DataError(f"{index}:{number}: unreadable sample ({exc})") from exc
     return samples
 

@@ -33,10 +33,9 @@ from typing import Any
 from mgpt4 import __version__
 from mgpt4.config import save_config
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, IMAGE_SLOT, ChatTurn, chat_prompt
-from mgpt4.curate import records as journal
 from mgpt4.errors import UsageError
 from mgpt4.eval.config import EvalConfig
-from mgpt4.eval.journal import AnswerJournal
+from mgpt4.eval.journal import AnswerJournal, read_answers, rewrite_answers
 from mgpt4.eval.report import write_report
 from mgpt4.eval.tasks import get_task
 from mgpt4.eval.tasks.base import EvalItem, Task, TaskData
@@ -99,7 +98,7 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, model=None) -> E
     out = Path(cfg.output_dir())
     out.mkdir(parents=True, exist_ok=True)
     _claim_output(out, cfg, data)
-    done = {r["id"]: r for r in journal.read_journal(out, ANSWERS)}
+    done = {r["id"]: r for r in read_answers(out / ANSWERS)}
     if annotate and task.incomplete:
         _redo_annotations(out, done, annotate, task)
     answering = _answer_all(out, data, done, task, cfg, annotate, progress, model)
@@ -156,7 +155,7 @@ def _redo_annotations(out: Path, done: dict[str, dict], annotate: Callable, task
     if redo:
         log.info("%d journaled answers need their judge rating again", len(redo))
         annotate(redo)
-        journal.rewrite_journal(out, done.values(), ANSWERS)
+        rewrite_answers(out / ANSWERS, done.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +325,7 @@ def _finalize(
     for record in selected:
         record["scores"] = scores.per_item.get(record["id"]) if not record.get("error") else None
     others = [r for i, r in done.items() if i not in selected_ids]  # answered under a larger limit
-    journal.rewrite_journal(out, selected + others, ANSWERS)
+    rewrite_answers(out / ANSWERS, selected + others)
     notes = list(scores.notes)
     errors = len(selected) - len(answered)
     if errors:

@@ -17,6 +17,7 @@ from mgpt4.infer.chat import ChatConfig, ChatSession, Reply
 from mgpt4.infer.describe import DescribeConfig, collect_inputs, count_images, describe_images
 from mgpt4.infer.loading import load_model
 from mgpt4.infer.render import DescribeOutput, StreamView, warn
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.infer")
 
@@ -29,6 +30,8 @@ def run_describe(cfg: DescribeConfig) -> int:
     """
     setup_logging(cfg.quiet)  # logs go to stderr: --json keeps stdout clean either way
     inputs = collect_inputs(cfg.inputs)
+    if cfg.output:
+        check_writable(cfg.output, "--output")  # before the model loads, not after the work
     model = load_model(cfg.model, cfg.checkpoint, cfg.device)
     total = count_images(inputs)
     with DescribeOutput(cfg.json, cfg.output, cfg.quiet, total) as out:
@@ -70,7 +73,10 @@ def run_chat(cfg: ChatConfig) -> int:
     if interactive:
         _banner(session, cfg)
         return _interactive_loop(session, cfg)
-    return _piped_loop(session, cfg, sys.stdin, failed=int(first.kind == "error"))
+    # Bytes, decoded line by line: a byte that is not valid text fails the question holding it (the
+    # session refuses it), while a /image path with such bytes still names its file, as on Linux.
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    return _piped_loop(session, cfg, stdin, failed=int(first.kind == "error"), encoding=sys.stdin.encoding)
 
 
 def _banner(session: ChatSession, cfg: ChatConfig) -> None:
@@ -91,6 +97,9 @@ def _interactive_loop(session: ChatSession, cfg: ChatConfig) -> int:
             return 0
         except KeyboardInterrupt:
             console.print("\n[dim](Ctrl-C clears the line; /exit or Ctrl-D leaves)[/]", markup=True)
+            continue
+        except UnicodeDecodeError as exc:
+            warn(f"error: that line is not {exc.encoding} text ({exc.reason}); type it again")
             continue
         if _is_question(line):
             view = StreamView(rich_output=True)
@@ -114,8 +123,15 @@ def _interactive_loop(session: ChatSession, cfg: ChatConfig) -> int:
             warn(f"{reply.kind}: {reply.text}" if reply.kind == "error" else reply.text)
 
 
-def _piped_loop(session: ChatSession, cfg: ChatConfig, lines: Iterable[str], failed: int = 0) -> int:
-    for line in lines:
+def _piped_loop(
+    session: ChatSession,
+    cfg: ChatConfig,
+    lines: Iterable[str | bytes],
+    failed: int = 0,
+    encoding: str | None = None,
+) -> int:
+    for raw in lines:
+        line = raw.decode(encoding or "utf-8", errors="surrogateescape") if isinstance(raw, bytes) else raw
         if _is_question(line) and not cfg.json:
             view = StreamView(rich_output=False)
             reply = session.handle(line, view.update if cfg.stream else None)

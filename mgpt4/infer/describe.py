@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mgpt4.config import GenerateConfig, ModelConfig, field
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, IMAGE_PLACEHOLDER, IMAGE_SLOT, stage2_prompt
+from mgpt4.data.images import ImageReadError, open_image
 from mgpt4.errors import UsageError
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import image_transform
@@ -127,10 +127,11 @@ def collect_inputs(specs: Sequence[str]) -> list[str]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found += [
+            images = [
                 str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             ]
-            found += [spec] if any(path.glob(f"*{SHARD_SUFFIX}")) else []
+            # A folder with shards is also a shard set; one with neither is kept, to be reported.
+            found += images + ([spec] if any(path.glob(f"*{SHARD_SUFFIX}")) or not images else [])
         elif _is_brace(spec) and not path.exists():
             found.append(spec)
         elif glob.has_magic(spec) and not path.exists():
@@ -156,7 +157,9 @@ def _is_shard(spec: str) -> bool:
 def _iter_items(inputs: Iterable[str]) -> Iterator[ImageRequest]:
     for spec in inputs:
         path = Path(spec)
-        if _is_shard(spec):
+        if path.is_dir() and not any(path.glob(f"*{SHARD_SUFFIX}")):
+            yield ImageRequest(spec, error="a folder without image files or .tar shards")
+        elif _is_shard(spec):
             yield from _shard_items(spec)
         elif not path.exists():
             yield ImageRequest(spec, error="no such file")
@@ -166,31 +169,28 @@ def _iter_items(inputs: Iterable[str]) -> Iterator[ImageRequest]:
                 spec, error=f"unsupported file type '{kind}' (use {', '.join(IMAGE_SUFFIXES)})"
             )
         else:
-            yield ImageRequest(spec, open=lambda path=path: Image.open(path))
+            yield ImageRequest(spec, open=lambda path=path, name=spec: open_image(path, name))
 
 
 def _shard_items(spec: str) -> Iterator[ImageRequest]:
     """Every image sample of a shard set, named ``SHARD#KEY``; captions are not needed here.
 
-    webdataset streams the tars (as curate does); a broken shard becomes one failed item, and
+    A broken shard is one failed item (named by the shard) and the next shard is read as usual;
     decoding errors surface per image when the item is opened.
     """
-    import webdataset as wds
-
-    from mgpt4.data.shards import IMAGE_EXTENSIONS, find_shards
+    from mgpt4.data.shards import find_shards, iter_shard_images
 
     try:
-        urls = [str(url) for url in find_shards(spec)]
-        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-        for sample in dataset:
-            name = f"{sample.get('__url__', spec)}#{sample.get('__key__', '?')}"
-            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            if data is None:
-                yield ImageRequest(name, error=f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-            else:
-                yield ImageRequest(name, open=lambda data=data: Image.open(io.BytesIO(data)))
-    except Exception as exc:  # noqa: BLE001 - webdataset/tarfile raise many types; report, never crash
-        yield ImageRequest(spec, error=f"cannot read shard set ({_one_line(exc)})")
+        shards = find_shards(spec)
+    except UsageError as exc:
+        yield ImageRequest(spec, error=str(exc))
+        return
+    for sample in iter_shard_images(shards):
+        name = f"{sample.shard}#{sample.key}" if sample.key else sample.shard
+        if sample.data is None:
+            yield ImageRequest(name, error=sample.error)
+        else:
+            yield ImageRequest(name, open=lambda data=sample.data, name=name: open_image(data, name))
 
 
 def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
@@ -198,11 +198,9 @@ def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
     if item.error:
         return item.error
     try:
-        with item.open() as image:
-            image.load()
-            return transform(image)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        return f"cannot read image ({_one_line(exc)})"
+        return transform(item.open())
+    except ImageReadError as exc:
+        return exc.reason
 
 
 def _one_line(exc: BaseException) -> str:

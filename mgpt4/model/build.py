@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mgpt4.config import ModelConfig, from_dict, parse_yaml, save_config
+from mgpt4.config import ModelConfig, from_dict, read_yaml_file, save_config
 from mgpt4.errors import CheckpointError, UsageError
 from mgpt4.model import checkpoints
 from mgpt4.model.minigpt4 import TRAINABLE_GROUPS, MiniGPT4
@@ -175,7 +175,7 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     file = Path(folder) / "config.yaml"
     if not file.is_file():
         raise UsageError(f"{file}: missing — a model folder needs its config.yaml")
-    data = parse_yaml(file.read_text()) or {}
+    data = read_yaml_file(file)  # one-line ConfigError naming the file (bad YAML, a !!python tag, …)
     return from_dict(ModelConfig, data.get("model", {}), "model.")
 
 

@@ -32,7 +32,7 @@ from mgpt4.data.download_report import DownloadProgress
 from mgpt4.data.fetch import Fetcher, FetchError, FetchSettings
 from mgpt4.data.shard_download import ShardJob, download_shard, shard_key
 from mgpt4.data.sources import UrlRow
-from mgpt4.errors import DataError, UsageError
+from mgpt4.errors import UsageError
 
 SAMPLE_JSON_KEYS = {
     "key",
@@ -382,14 +382,16 @@ def test_changed_settings_and_busy_folders_are_refused(tmp_path: Path, server: L
         run_download(dataclasses.replace(cfg, shard_size=5))
     with pytest.raises(UsageError, match="image="):
         run_download(dataclasses.replace(cfg, image=ImageConfig(size=128)))
-    run_download(dataclasses.replace(cfg, threads=3, processes=1))  # parallelism may change
+    run_download(dataclasses.replace(cfg, threads=3, processes=1, decode_memory_mb=64))  # may change
     with open(tmp_path / "out" / ".download.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UsageError, match="another `mgpt4 download`"):
             run_download(cfg)
     (tmp_path / "file").write_text("")
-    with pytest.raises(DataError, match="cannot create the output folder"):
+    with pytest.raises(UsageError, match="cannot create the output folder"):
         run_download(dataclasses.replace(cfg, output=str(tmp_path / "file" / "out")))
+    with pytest.raises(UsageError, match="is a file"):
+        run_download(dataclasses.replace(cfg, output=str(tmp_path / "file")))
 
 
 def test_shard_keys_follow_img2dataset() -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers.loopback_http import make_jpeg, make_png, png_header_only
+from helpers.loopback_http import big_picture, make_jpeg, make_png, png_bomb, png_header_only
 from PIL import Image
 
+from mgpt4.data.decode_budget import DecodeBudget
 from mgpt4.data.resize import ImageError, process_image
 
 
@@ -102,3 +106,60 @@ def test_refusals_have_reasons() -> None:
     with pytest.raises(ImageError) as info:
         process_image(b"")
     assert info.value.kind == "not_image"
+
+
+def test_a_real_bomb_is_refused_before_decoding() -> None:
+    bomb = png_bomb(3000, 3000)  # 9 M pixels of real, decodable data in ~60 KB
+    budget = DecodeBudget(1 << 30)
+    with pytest.raises(ImageError, match="3000x3000 = 9000000 pixels > 8000000") as info:
+        process_image(bomb, max_pixels=8_000_000, budget=budget)
+    assert info.value.kind == "decompression_bomb" and budget.peak == 0  # nothing was reserved or decoded
+    assert process_image(bomb, size=32, budget=budget).width == 32  # under the cap it is just an image
+
+
+def test_large_jpegs_decode_at_reduced_scale_and_reserve_accordingly() -> None:
+    """The reservation is the decode cost from the header: a JPEG bound for 224 px is decoded at 1/8."""
+    reserved = {}
+    for fmt in ("JPEG", "PNG"):
+        budget = DecodeBudget(1 << 30)
+        result = process_image(big_picture(2400, 1600, fmt), size=224, budget=budget)
+        assert (result.width, result.original_width) == (224, 2400)
+        reserved[fmt] = budget.peak
+    # 12 bytes per decoded pixel plus the output: 300x200 for the JPEG, 2400x1600 for the PNG
+    assert reserved["JPEG"] == (300 * 200 + 224 * 149 + 224 * 224) * 12
+    assert reserved["PNG"] == (2400 * 1600 + 224 * 149 + 224 * 224) * 12
+
+
+def test_decode_budget_bounds_what_threads_hold_at_once() -> None:
+    budget = DecodeBudget(100)
+    holding, most, order = [0], [0], []
+    lock, release = threading.Lock(), threading.Event()
+
+    def work(name: str, nbytes: int) -> None:
+        with budget.reserve(nbytes):
+            with lock:
+                holding[0] += nbytes
+                most[0] = max(most[0], holding[0])
+                order.append(name)
+            release.wait()
+            with lock:
+                holding[0] -= nbytes
+
+    def start(name: str, nbytes: int, until: Callable[[], bool]) -> threading.Thread:
+        thread = threading.Thread(target=work, args=(name, nbytes))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return thread
+
+    threads = [start(f"small{i}", 30, lambda i=i: budget.in_use == 30 * (i + 1)) for i in range(3)]
+    threads.append(start("huge", 250, lambda: budget.waiting == 1))  # more than the whole budget
+    threads += [start(f"late{i}", 30, lambda i=i: budget.waiting == i + 2) for i in range(3)]
+    assert budget.in_use == 90 and budget.waiting == 4  # 30 more would not fit: everyone after waits
+    release.set()
+    for t in threads:
+        t.join()
+    assert most[0] == 250  # the huge one ran alone; the small ones never held more than 90 together
+    assert budget.peak == 100 and budget.in_use == 0
+    assert order[3] == "huge"  # first come, first served: the later small ones did not overtake it

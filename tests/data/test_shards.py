@@ -6,6 +6,7 @@ import collections
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mgpt4.data.shards import ShardMixture, blip_caption, find_shards, iter_samples
+from mgpt4.data.shards import ShardMixture, blip_caption, find_shards, iter_samples, iter_shard_images
 from mgpt4.errors import DataError, UsageError
+from tests.helpers.bad_images import BIG_BOMB, bomb_png, write_damaged_shards
 
 
 def _jpeg(value: int) -> bytes:
@@ -36,6 +38,8 @@ def write_shard(path, keys, *, prefix="", bad=None, stats=True) -> list[str]:
             damage = bad.get(i)
             if damage == "bad_image":
                 sample["jpg"] = b"\xff\xd8 not a jpeg"
+            elif damage == "bomb":
+                sample["jpg"] = bomb_png(*BIG_BOMB)
             elif damage == "missing_caption":
                 del sample["txt"]
                 sample["json"] = json.dumps({"key": key, "caption": None}).encode()
@@ -205,6 +209,30 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     counter: collections.Counter = collections.Counter()
     assert [s["key"] for s in iter_samples([str(shard)], counter)] == good
     assert counter == {"bad_image": 1, "missing_caption": 1, "missing_image": 1}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_bomb_member_is_a_skipped_bad_image(tmp_path):
+    shard = tmp_path / "00000.tar"
+    good = write_shard(shard, 3, bad={1: "bomb"})
+    counter: collections.Counter = collections.Counter()
+    assert [s["key"] for s in iter_samples([str(shard)], counter)] == good
+    assert counter == {"bad_image": 1}
+
+
+def test_iter_shard_images_reports_every_failure_in_line(tmp_path):
+    shards = write_damaged_shards(tmp_path / "shards")
+    samples = list(iter_shard_images(find_shards(str(shards))))
+    got = [(Path(s.shard).stem, s.key, s.error is None) for s in samples]
+    assert got == [
+        ("00000", "a0", True), ("00000", "a1", True),
+        ("00001", "b0", True), ("00001", "b1", True), ("00001", "b2", True), ("00001", "b3", True),
+        ("00002", "c0", True), ("00002", "c1", False), ("00002", "", False),
+        ("00003", "", False),
+    ]  # fmt: skip
+    assert all(s.data for s in samples if s.error is None)  # undecoded: garbage and bombs fail when opened
+    assert "c1.jpg" in samples[7].error
+    assert samples[8].error.startswith("truncated shard") and samples[9].error.startswith("unreadable shard")
 
 
 def test_a_set_without_readable_samples_raises(tmp_path):

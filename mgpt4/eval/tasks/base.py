@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from mgpt4.data.images import open_image
 from mgpt4.errors import UsageError
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def image_item(item_id: str, root: Path, name: str, **fields: Any) -> EvalItem:
     if not path.is_file():
         return EvalItem(item_id, str(path), error="no such file", **fields)
     return EvalItem(
-        item_id, str(path), open=lambda path=path: Image.open(path), image_file=str(path), **fields
+        item_id, str(path), open=lambda path=path: open_image(path), image_file=str(path), **fields
     )
 
 

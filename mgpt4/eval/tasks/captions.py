@@ -12,15 +12,13 @@ Data, by what ``data`` is:
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from mgpt4.data import aligned
+from mgpt4.data.images import open_image
 from mgpt4.data.shards import IMAGE_EXTENSIONS, find_shards
 from mgpt4.errors import DataError, UsageError
 from mgpt4.eval.config import EvalConfig
@@ -158,7 +156,9 @@ def _shard_items(shards: list[str]) -> Iterator[EvalItem]:
                         key, name, [caption], error=f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
                     )
                 else:
-                    yield EvalItem(key, name, [caption], open=lambda data=data: Image.open(io.BytesIO(data)))
+                    yield EvalItem(
+                        key, name, [caption], open=lambda data=data, name=name: open_image(data, name)
+                    )
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - tarfile/webdataset raise many types
