@@ -60,6 +60,7 @@ _DETAILED_WHERE = {
     "bottom right": "in the bottom right corner",
 }  # fmt: skip
 _SPLITS = {"train": 0, "test": 1}
+ATTRIBUTES = ("shape", "colour", "position", "count")  # `score`'s "accuracy" is their mean
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges and sub-pixel jitter
 
 
@@ -311,6 +312,7 @@ def score(predictions: Sequence[str], samples: Sequence[ShapeSample]) -> dict[st
 
     Returns:
         ``shape``, ``colour``, ``position``: object-level accuracy; ``count``: right number of objects;
+        ``accuracy``: the mean of those four (what `mgpt4 demo` and `mgpt4 eval shapes` report);
         ``correct``: every attribute of the image right; ``exact``: normalized text equals the caption
         or the detailed description; ``parsed``: fraction of texts naming any shape; ``n``: images.
     """
@@ -337,5 +339,6 @@ def score(predictions: Sequence[str], samples: Sequence[ShapeSample]) -> dict[st
     n = max(len(samples), 1)
     result = {attr: hits[attr] / max(objects, 1) for attr in hits}
     result.update({name: value / n for name, value in images.items()})
+    result["accuracy"] = sum(result[name] for name in ATTRIBUTES) / len(ATTRIBUTES)
     result["n"] = len(samples)
     return result

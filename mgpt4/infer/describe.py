@@ -82,12 +82,14 @@ class DescribeResult:
 
 
 @dataclasses.dataclass
-class _Item:
-    """An input image before decoding: its display name and how to open it (or why it cannot be)."""
+class ImageRequest:
+    """One image to answer about, before decoding: its display name, how to open it (or why it
+    cannot be), and its own prompt (None = the prompt given to ``generate_batched``)."""
 
     name: str
     open: Callable[[], Image.Image] | None = None
     error: str | None = None
+    prompt: str | None = None
 
 
 def build_prompt(instruction: str | None, template: str) -> str:
@@ -152,23 +154,25 @@ def _is_shard(spec: str) -> bool:
     return spec.endswith(SHARD_SUFFIX) or _is_brace(spec) or Path(spec).is_dir()
 
 
-def _iter_items(inputs: Iterable[str]) -> Iterator[_Item]:
+def _iter_items(inputs: Iterable[str]) -> Iterator[ImageRequest]:
     for spec in inputs:
         path = Path(spec)
         if path.is_dir() and not any(path.glob(f"*{SHARD_SUFFIX}")):
-            yield _Item(spec, error="a folder without image files or .tar shards")
+            yield ImageRequest(spec, error="a folder without image files or .tar shards")
         elif _is_shard(spec):
             yield from _shard_items(spec)
         elif not path.exists():
-            yield _Item(spec, error="no such file")
+            yield ImageRequest(spec, error="no such file")
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
             kind = path.suffix or path.name
-            yield _Item(spec, error=f"unsupported file type '{kind}' (use {', '.join(IMAGE_SUFFIXES)})")
+            yield ImageRequest(
+                spec, error=f"unsupported file type '{kind}' (use {', '.join(IMAGE_SUFFIXES)})"
+            )
         else:
-            yield _Item(spec, open=lambda path=path, name=spec: open_image(path, name))
+            yield ImageRequest(spec, open=lambda path=path, name=spec: open_image(path, name))
 
 
-def _shard_items(spec: str) -> Iterator[_Item]:
+def _shard_items(spec: str) -> Iterator[ImageRequest]:
     """Every image sample of a shard set, named ``SHARD#KEY``; captions are not needed here.
 
     A broken shard is one failed item (named by the shard) and the next shard is read as usual;
@@ -179,17 +183,17 @@ def _shard_items(spec: str) -> Iterator[_Item]:
     try:
         shards = find_shards(spec)
     except UsageError as exc:
-        yield _Item(spec, error=str(exc))
+        yield ImageRequest(spec, error=str(exc))
         return
     for sample in iter_shard_images(shards):
         name = f"{sample.shard}#{sample.key}" if sample.key else sample.shard
         if sample.data is None:
-            yield _Item(name, error=sample.error)
+            yield ImageRequest(name, error=sample.error)
         else:
-            yield _Item(name, open=lambda data=sample.data, name=name: open_image(data, name))
+            yield ImageRequest(name, open=lambda data=sample.data, name=name: open_image(data, name))
 
 
-def _load(item: _Item, transform: Callable) -> torch.Tensor | str:
+def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
     """The image tensor, or the one-line reason it cannot be read."""
     if item.error:
         return item.error
@@ -224,31 +228,59 @@ def describe_images(
     """
     inputs = collect_inputs(cfg.inputs) if inputs is None else inputs
     prompt = build_prompt(cfg.prompt, model.preset.stage2_template)
+    yield from generate_batched(model, _iter_items(inputs), cfg.batch_size, cfg.generate, prompt)
+
+
+def generate_batched(
+    model: MiniGPT4,
+    requests: Iterable[ImageRequest],
+    batch_size: int,
+    config: GenerateConfig,
+    prompt: str | None = None,
+) -> Iterator[DescribeResult]:
+    """The shared batched answering path (describe, eval): one result per request, in order.
+
+    Requests are decoded and transformed as they come; every ``batch_size`` readable images go
+    through one ``MiniGPT4.generate`` call. Unreadable ones yield a result with ``error`` set.
+
+    Args:
+        model: a loaded model (eval mode).
+        requests: images with their own prompt, or None to use ``prompt``.
+        batch_size: readable images per generate call.
+        config: decoding settings.
+        prompt: the prompt of requests that carry none.
+    """
     transform = image_transform(model.preset.vision.image_size)
-    batch: list[tuple[_Item, torch.Tensor | str]] = []
-    for item in _iter_items(inputs):
+    batch: list[tuple[ImageRequest, torch.Tensor | str]] = []
+    for item in requests:
         batch.append((item, _load(item, transform)))
-        if sum(torch.is_tensor(loaded) for _, loaded in batch) == cfg.batch_size:
-            yield from _run_batch(model, batch, prompt, cfg.generate)
+        if sum(torch.is_tensor(loaded) for _, loaded in batch) == batch_size:
+            yield from _run_batch(model, batch, prompt, config)
             batch = []
     if batch:
-        yield from _run_batch(model, batch, prompt, cfg.generate)
+        yield from _run_batch(model, batch, prompt, config)
 
 
 def _run_batch(
-    model: MiniGPT4, batch: list[tuple[_Item, torch.Tensor | str]], prompt: str, config: GenerateConfig
+    model: MiniGPT4,
+    batch: list[tuple[ImageRequest, torch.Tensor | str]],
+    prompt: str | None,
+    config: GenerateConfig,
 ) -> Iterator[DescribeResult]:
-    tensors = [loaded for _, loaded in batch if torch.is_tensor(loaded)]
+    prompts = [item.prompt or prompt or "" for item, _ in batch]
+    readable = [(p, loaded) for p, (_, loaded) in zip(prompts, batch, strict=True) if torch.is_tensor(loaded)]
     answers = iter([])
     seconds = 0.0
-    if tensors:
+    if readable:
         start = time.perf_counter()
-        generations = model.generate([prompt] * len(tensors), torch.stack(tensors), config)
-        seconds = (time.perf_counter() - start) / len(tensors)
+        generations = model.generate([p for p, _ in readable], torch.stack([t for _, t in readable]), config)
+        seconds = (time.perf_counter() - start) / len(readable)
         answers = iter(generations)
-    for item, loaded in batch:
+    for (item, loaded), item_prompt in zip(batch, prompts, strict=True):
         if isinstance(loaded, str):
-            yield DescribeResult(item.name, prompt, error=loaded)
+            yield DescribeResult(item.name, item_prompt, error=loaded)
         else:
             answer = next(answers)
-            yield DescribeResult(item.name, prompt, text=answer.text, tokens=answer.tokens, seconds=seconds)
+            yield DescribeResult(
+                item.name, item_prompt, text=answer.text, tokens=answer.tokens, seconds=seconds
+            )
