@@ -21,6 +21,7 @@ from rich.progress import (
 )
 
 from mgpt4.console import err_console, is_interactive
+from mgpt4.errors import UsageError
 
 log = logging.getLogger("mgpt4.train")
 
@@ -119,7 +120,11 @@ class MetricsLog:
 
 
 def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:
-    """Write the loss curve of a run as a PNG (default ``RUN/loss.png``)."""
+    """Write the loss curve of a run as a PNG (default ``RUN/loss.png``).
+
+    Raises:
+        UsageError: ``out`` is a folder or cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +138,14 @@ def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        fig.savefig(tmp)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"{out}: cannot write the plot ({exc.strerror}); choose a writable path") from None
+    finally:
+        plt.close(fig)
     return out

@@ -310,8 +310,10 @@ def test_resume_after_sigkills_is_exact(zero, data, tmp_path):
 
 @pytest.mark.slow
 def test_gpus_2_runs_two_processes(data, tmp_path):
+    """ZeRO-3, as the README shows it: saving gathers the partitioned weights on every rank."""
     run = tmp_path / "run"
-    args = stage1_args(data["shards"], run, "train.max_steps=3", "train.save_every=3", "train.plot=false")
+    args = stage1_args(data["shards"], run, "train.max_steps=3", "train.save_every=3", "train.plot=false",
+                       "train.zero=zero3")  # fmt: skip
     result = subprocess.run(
         [MGPT4, *args, "--gpus", "2", "--master-port", str(free_port()), "--json"],
         env=child_env(), capture_output=True, text=True, timeout=300,
@@ -324,6 +326,7 @@ def test_gpus_2_runs_two_processes(data, tmp_path):
     step = run / "checkpoints" / "step-3"
     states = [json.loads((step / f"state_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [state["data"]["mixture"]["rank"] for state in states] == [0, 1]
+    assert all(p.numel() > 0 for p in load_model_dir(run).parameters())  # whole, not ZeRO-3 shards
 
 
 def test_finetune_init_of_another_preset_is_a_usage_error(micro_model_dir, data, tmp_path):
