@@ -1,8 +1,9 @@
 """`mgpt4 pretrain` / `finetune` / `plot` through the CLI, on the micro preset and tiny synthetic data.
 
 Single-process runs go through ``CliRunner`` in this process (DeepSpeed's import and gloo start-up are
-paid once); a real process is started where the test is about processes: SIGKILL + exact resume,
-``--gpus 2``, and stdout holding nothing but the ``--json`` summary.
+paid once); a real process is started where the test is about processes: SIGKILL + exact resume and
+stdout holding nothing but the ``--json`` summary. ``--gpus 2`` (and its SIGKILL) is tested in
+test_train_resume_cli.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from helpers.train_cli import (
     MGPT4,
     child_env,
     clean_process_state,
-    free_port,
     invoke,
     metrics,
     stage1_args,
@@ -259,7 +259,7 @@ def test_errors_exit_2_naming_the_key_before_anything_starts(args, named, data, 
 
 
 # --------------------------------------------------------------------------------------------------
-# real processes: exact resume after SIGKILL, --gpus 2, clean --json stdout
+# real processes: exact resume after SIGKILL, clean --json stdout
 # --------------------------------------------------------------------------------------------------
 
 
@@ -306,27 +306,6 @@ def test_resume_after_sigkills_is_exact(zero, data, tmp_path):
     assert [m["step"] for m in resumed] == list(range(1, 41))  # none lost, none twice
     assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]  # bitwise equal floats
     assert [m["lr"] for m in resumed] == [m["lr"] for m in expected]
-
-
-@pytest.mark.slow
-def test_gpus_2_runs_two_processes(data, tmp_path):
-    """ZeRO-3, as the README shows it: saving gathers the partitioned weights on every rank."""
-    run = tmp_path / "run"
-    args = stage1_args(data["shards"], run, "train.max_steps=3", "train.save_every=3", "train.plot=false",
-                       "train.zero=zero3")  # fmt: skip
-    result = subprocess.run(
-        [MGPT4, *args, "--gpus", "2", "--master-port", str(free_port()), "--json"],
-        env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)  # the launcher's and workers' logs went to stderr
-    lines = metrics(run)
-    assert summary["processes"] == 2 and summary["final_loss"] == lines[-1]["loss"]
-    assert [m["step"] for m in lines] == [1, 2, 3] and all(m["world_size"] == 2 for m in lines)
-    step = run / "checkpoints" / "step-3"
-    states = [json.loads((step / f"state_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [state["data"]["mixture"]["rank"] for state in states] == [0, 1]
-    assert all(p.numel() > 0 for p in load_model_dir(run).parameters())  # whole, not ZeRO-3 shards
 
 
 def test_finetune_init_of_another_preset_is_a_usage_error(micro_model_dir, data, tmp_path):

@@ -32,6 +32,7 @@ from helpers.train_cli import (
 from helpers.train_data import write_shape_aligned, write_shape_shards
 
 from mgpt4.config import load_config, save_config
+from mgpt4.model.build import load_model_dir
 from mgpt4.train import manifest
 from mgpt4.train.checkpointing import WeightsOnlyLoads
 from mgpt4.train.config import TrainRunConfig
@@ -323,10 +324,11 @@ def processes_naming(text: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
 def test_sigkill_of_a_two_process_run_stops_every_worker(shards, tmp_path):
+    """`--gpus 2` on ZeRO-3 (as the README shows it): killed, resumed, every step once on two ranks."""
     run = tmp_path / "run"
     # 1000 steps: left running, the workers would train for minutes; killed, they stop at once.
-    args = [*run_args(shards, run, "train.max_steps=1000", "train.save_every=2", "train.keep_last=2"),
-            "--gpus", "2", "--json"]  # fmt: skip
+    settings = ["train.max_steps=1000", "train.save_every=2", "train.keep_last=2", "train.zero=zero3"]
+    args = [*run_args(shards, run, *settings), "--gpus", "2", "--json"]
     latest, config = run / "checkpoints" / "latest", str(run / "config.yaml")
     command = [MGPT4, *args, "--master-port", str(free_port())]
     # Output to a file, not a pipe: waiting on a pipe would wait for any orphan that holds it open.
@@ -354,7 +356,14 @@ def test_sigkill_of_a_two_process_run_stops_every_worker(shards, tmp_path):
     rerun = subprocess.run([MGPT4, *args, "--master-port", str(free_port())], env=child_env(),
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert json.loads(rerun.stdout)["resumed_from"] == stopped_step
+    summary = json.loads(rerun.stdout)  # the launcher's and workers' logs went to stderr
     lines = metrics(run)
+    assert summary["resumed_from"] == stopped_step and summary["processes"] == 2
+    assert summary["final_loss"] == lines[-1]["loss"]
     assert [m["step"] for m in lines] == list(range(1, stopped_step + 3))  # none lost, none twice
     assert all(m["world_size"] == 2 for m in lines)
+    step = run / "checkpoints" / f"step-{stopped_step + 2}"
+    states = [json.loads((step / f"state_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [state["data"]["mixture"]["rank"] for state in states] == [0, 1]
+    # Saving gathered ZeRO-3's partitioned weights on both ranks: whole tensors, not shards.
+    assert all(p.numel() > 0 for p in load_model_dir(run).parameters())
