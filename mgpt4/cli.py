@@ -200,7 +200,12 @@ def _train_command(command: str, stage: int, config_path: str | None, overrides:
         click.echo(json.dumps(summary, indent=2))
     elif not flags["quiet"]:
         loss = summary["final_loss"]
-        console.print(f"{command}: {summary['steps']} steps, final loss {loss:.4f} → {summary['run']}")
+        loss_text = f"final loss {loss:.4f}" if loss is not None else "no loss logged"
+        if summary.get("already_finished"):
+            console.print(f"{command}: already finished at step {summary['resumed_from']}, {loss_text} → "
+                          f"{summary['run']}")  # fmt: skip
+        else:
+            console.print(f"{command}: {summary['steps']} steps, {loss_text} → {summary['run']}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -151,17 +151,29 @@ class _ModelFile:
     model: ModelConfig
 
 
+CHECKPOINT_MANIFEST = "manifest.json"  # written last into a training step folder (mgpt4.train.manifest)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory (→ its ``latest`` checkpoint) or a checkpoint folder holding trainable weights.
+    """A run directory (→ its newest finished checkpoint) or a folder holding trainable weights.
+
+    A run's step folder counts as finished once it has its manifest; ``checkpoints/latest`` is only
+    followed for runs saved before manifests existed.
 
     Raises:
         UsageError: the path holds neither.
     """
     path = Path(path)
-    latest = path / "checkpoints" / "latest"
-    if latest.exists():
-        name = latest.read_text().strip() if latest.is_file() else latest.resolve().name
-        path = path / "checkpoints" / name
+    checkpoints_dir = path / "checkpoints"
+    if checkpoints_dir.is_dir():
+        steps = [p for p in checkpoints_dir.glob("step-*") if p.name.split("-", 1)[1].isdigit()]
+        finished = [p for p in steps if (p / CHECKPOINT_MANIFEST).is_file()]
+        latest = checkpoints_dir / "latest"
+        if finished:
+            path = max(finished, key=lambda p: int(p.name.split("-", 1)[1]))
+        elif latest.exists():
+            name = latest.read_text().strip() if latest.is_file() else latest.resolve().name
+            path = checkpoints_dir / name
     if not (path / checkpoints.TRAINABLE_FILE).is_file():
         raise UsageError(
             f"{path}: not a model folder (no {checkpoints.TRAINABLE_FILE}); pass a run directory or "

@@ -28,14 +28,18 @@ from mgpt4.train import checkpointing
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.data import make_prefetched_batches
 from mgpt4.train.launch import free_port
-from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss, truncate_metrics
+from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss
 from mgpt4.train.schedule import lr_at
 
 log = logging.getLogger("mgpt4.train")
 
 
-def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
-    """Train ``cfg`` in this process (one rank of however many were launched); returns a summary."""
+def run_worker(cfg: TrainRunConfig, resume_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``cfg`` in this process (one rank of however many were launched); returns a summary.
+
+    ``resume_dir`` is the checkpoint the launching process chose and checked (``mgpt4.train.resume``);
+    it also truncated ``metrics.jsonl`` to that step.
+    """
     import deepspeed
 
     _log_deepspeed_to_stderr(deepspeed)
@@ -43,7 +47,6 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     run = Path(cfg.out)
     model = _setup_model(cfg)
     batches = make_prefetched_batches(cfg, model.preset, rank, world_size)
-    resume_dir = checkpointing.latest_step_dir(run)
     if resume_dir is not None:
         checkpointing.restore_weights(model, resume_dir)
     engine = _setup_engine(deepspeed, cfg, model, world_size)
@@ -51,8 +54,6 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     if resume_dir is not None:
         start_step = checkpointing.restore_state(engine, resume_dir, batches, rank)
         log.info("resumed from %s at step %d", resume_dir, start_step)
-        if rank == 0:
-            truncate_metrics(run, start_step)
     metrics = MetricsLog(run, cfg.train.max_steps, start_step, rank == 0, cfg.train.tensorboard)
     try:
         last = _train_loop(cfg, engine, model, batches, metrics, run, start_step, rank, world_size)

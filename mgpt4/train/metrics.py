@@ -21,6 +21,7 @@ from rich.progress import (
 )
 
 from mgpt4.console import err_console, is_interactive
+from mgpt4.errors import UsageError
 
 log = logging.getLogger("mgpt4.train")
 
@@ -36,15 +37,33 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    """All metric lines of a run (empty when there are none yet)."""
+    """All metric lines of a run (empty when there are none yet).
+
+    A line that is not a whole JSON record — the last one, torn by a kill mid-write — is left out
+    with a warning; the next run's ``truncate_metrics`` drops it from the file.
+    """
     file = Path(run) / METRICS_FILE
     if not file.is_file():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            log.warning("%s line %d is not a whole metrics record (torn by a kill?); left out", file, number)
+            continue
+        records.append(record)
+    return records
 
 
 def truncate_metrics(run: Path, after_step: int) -> None:
-    """Drop lines logged after ``after_step``: a resumed run logs those steps again."""
+    """Keep whole lines of steps up to ``after_step``: a resumed run (a fresh one: 0) logs the rest again."""
+    if not (run / METRICS_FILE).exists():
+        return
     kept = [m for m in read_metrics(run) if m["step"] <= after_step]
     tmp = run / (METRICS_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -101,7 +120,11 @@ class MetricsLog:
 
 
 def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:
-    """Write the loss curve of a run as a PNG (default ``RUN/loss.png``)."""
+    """Write the loss curve of a run as a PNG (default ``RUN/loss.png``).
+
+    Raises:
+        UsageError: ``out`` is a folder or cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +138,14 @@ def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        fig.savefig(tmp)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"{out}: cannot write the plot ({exc.strerror}); choose a writable path") from None
+    finally:
+        plt.close(fig)
     return out
