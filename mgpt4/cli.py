@@ -18,6 +18,7 @@ import click
 from mgpt4 import __version__
 from mgpt4.cli_options import as_overrides, config_options, split_args
 from mgpt4.console import console, err_console
+from mgpt4.download.resize import RESIZE_MODES
 from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.infer.cli import chat, describe
 
@@ -116,7 +117,7 @@ def model_info(preset: str, trainable: str, as_json: bool) -> None:
 @click.option("--shard-size", type=int, default=None, help="input rows per shard  [default: 10000]")
 @click.option("--image-size", type=int, default=None, help="target size in pixels  [default: 224]")
 @click.option(
-    "--resize-mode", type=click.Choice(["border", "center_crop", "keep_ratio", "no"]), default=None,
+    "--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
     help="border (fit + white pad), center_crop, keep_ratio (short side) or no  [default: border]",
 )
 @click.option("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images  [default: 95]")
@@ -140,8 +141,8 @@ def download(
     """
     from mgpt4.config import load_config
     from mgpt4.console import is_interactive, setup_logging
-    from mgpt4.data.download import DownloadConfig, run_download
-    from mgpt4.data.download_report import render_summary
+    from mgpt4.download import DownloadConfig, run_download
+    from mgpt4.download_render import ProgressBar, render_summary
 
     setup_logging(quiet or as_json)
     inputs, overrides = split_args(args)
@@ -153,7 +154,11 @@ def download(
     given = as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
     cfg = load_config(DownloadConfig, config_path, overrides + given)
     cfg.validate()
-    summary = run_download(cfg, show_progress=not quiet and is_interactive())
+    if quiet or not is_interactive():
+        summary = run_download(cfg)
+    else:
+        with ProgressBar() as bar:
+            summary = run_download(cfg, progress=bar)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

@@ -32,10 +32,11 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from mgpt4.data.decode_budget import DecodeBudget, release_freed_bitmaps
-from mgpt4.data.download_report import DownloadProgress
-from mgpt4.data.fetch import Fetcher, FetchSettings
-from mgpt4.data.shard_download import ImageSettings, ShardJob, ShardResult, download_shard
+from mgpt4.download.decode_budget import DecodeBudget, release_freed_bitmaps
+from mgpt4.download.fetch import FetchConfig, Fetcher
+from mgpt4.download.progress import DownloadProgress
+from mgpt4.download.resize import ImageConfig
+from mgpt4.download.shard_download import ShardJob, ShardResult, download_shard
 from mgpt4.errors import DataError
 
 log = logging.getLogger("mgpt4.download")
@@ -46,10 +47,10 @@ class WorkerSpec:
     """What every worker needs: where to write and how to fetch and store."""
 
     folder: Path
-    fetch: FetchSettings
-    image: ImageSettings
+    fetch: FetchConfig
+    image: ImageConfig
     threads: int
-    decode_memory: int  # bytes of decoded images per process (mgpt4.data.decode_budget)
+    decode_memory: int  # bytes of decoded images per process (mgpt4.download.decode_budget)
 
 
 @dataclasses.dataclass

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mgpt4.data.decode_budget import DecodeBudget
-from mgpt4.data.fetch import TRANSIENT_KINDS, Fetcher, FetchError
-from mgpt4.data.resize import ImageError, process_image
-from mgpt4.data.shard_writer import ShardWriter
 from mgpt4.data.sources import UrlRow
+from mgpt4.download.decode_budget import DecodeBudget
+from mgpt4.download.fetch import TRANSIENT_KINDS, Fetcher, FetchError
+from mgpt4.download.resize import ImageConfig, ImageError, process_image
+from mgpt4.download.shard_writer import ShardWriter
 from mgpt4.errors import DataError
 
 log = logging.getLogger("mgpt4.download")
@@ -34,17 +34,6 @@ class StopFlag(Protocol):
     """``threading.Event`` or ``multiprocessing.Event``."""
 
     def is_set(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class ImageSettings:
-    """How fetched bytes become the stored JPEG (see ``mgpt4.data.resize.process_image``)."""
-
-    size: int = 224
-    mode: str = "border"
-    quality: int = 95
-    min_size: int = 0
-    max_pixels: int = 89_478_485
 
 
 @dataclass
@@ -80,7 +69,7 @@ def download_shard(
     job: ShardJob,
     folder: Path,
     fetcher: Fetcher,
-    image: ImageSettings,
+    image: ImageConfig,
     threads: int,
     stop: StopFlag,
     report: Callable[[bool], None],
@@ -191,7 +180,7 @@ class _ShardState:
 
 
 def process_row(
-    key: str, row: UrlRow, fetcher: Fetcher, image: ImageSettings, budget: DecodeBudget | None = None
+    key: str, row: UrlRow, fetcher: Fetcher, image: ImageConfig, budget: DecodeBudget | None = None
 ) -> tuple[dict[str, Any], bytes | None]:
     """One input row → its record (img2dataset's fields plus ``error_kind``) and the JPEG on success."""
     record: dict[str, Any] = {
@@ -216,7 +205,7 @@ def process_row(
         return _failed(record, "failed_to_download", "internal", f"{type(exc).__name__}: {exc}"), None
     try:
         out = process_image(
-            body, image.size, image.mode, image.quality, image.min_size, image.max_pixels, budget
+            body, image.size, image.resize_mode, image.jpeg_quality, image.min_size, image.max_pixels, budget
         )
     except ImageError as exc:
         return _failed(record, "failed_to_resize", exc.kind, str(exc)), None

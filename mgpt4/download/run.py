@@ -5,10 +5,10 @@
 
 Input rows are cut into shards of ``shard_size`` in input order, so shard N always holds the same rows
 and a rerun of the same command finds its earlier work: complete shards (``NNNNN_stats.json`` present)
-are skipped, incomplete ones resume from their partial files (``mgpt4.data.shard_writer``).
+are skipped, incomplete ones resume from their partial files (``mgpt4.download.shard_writer``).
 
 Parallelism: ``processes`` worker processes, each downloading one shard at a time with ``threads``
-threads that carry a row all the way from request to JPEG (``mgpt4.data.shard_download``).
+threads that carry a row all the way from request to JPEG (``mgpt4.download.shard_download``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from mgpt4.config import field, load_config, save_config
-from mgpt4.data import shard_writer, sources
-from mgpt4.data.download_pool import ShardPool, Skipped, WorkerSpec, execute, sigterm_as_interrupt
-from mgpt4.data.download_report import DownloadProgress
-from mgpt4.data.fetch import TRANSIENT_KINDS, FetchSettings
-from mgpt4.data.shard_download import ImageSettings, ShardJob, ShardResult
+from mgpt4.config import load_config, save_config
+from mgpt4.data import sources
+from mgpt4.download import shard_writer
+from mgpt4.download.config import IDENTITY_KEYS, DownloadConfig
+from mgpt4.download.fetch import TRANSIENT_KINDS
+from mgpt4.download.pool import ShardPool, Skipped, WorkerSpec, execute, sigterm_as_interrupt
+from mgpt4.download.progress import DownloadProgress, ProgressCallback
+from mgpt4.download.shard_download import ShardJob, ShardResult
 from mgpt4.errors import ConfigError, DataError, UsageError
 
 log = logging.getLogger("mgpt4.download")
@@ -40,108 +42,10 @@ CONFIG_FILE = "download_config.yaml"
 _LOCK_FILE = ".download.lock"
 
 
-@dataclasses.dataclass
-class ImageConfig:
-    """How each downloaded image is stored."""
-
-    size: int = field(224, doc="target size in pixels (the official recipe downloads at 224)")
-    resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = field(
-        "border", doc="border (fit, pad white), center_crop, keep_ratio (short side = size) or no"
-    )
-    jpeg_quality: int = field(95, doc="JPEG quality of stored images (img2dataset's default 95)")
-    min_size: int = field(0, doc="drop images whose shorter side is below this many pixels")
-    max_pixels: int = field(89_478_485, doc="drop images with more pixels than this (decompression bombs)")
-
-
-@dataclasses.dataclass
-class FetchConfig:
-    """How URLs are fetched."""
-
-    timeout: float = field(10.0, doc="seconds for one request, connect to last byte (per redirect hop)")
-    max_redirects: int = field(5, doc="redirects followed per URL")
-    max_bytes: int = field(32 << 20, doc="largest body accepted, in bytes")
-    retries: int = field(2, doc="retries of a URL answered 429/503, after a per-host backoff")
-    backoff_base: float = field(
-        1.0, doc="first backoff in seconds when a host says 429/503 without Retry-After"
-    )
-    backoff_max: float = field(60.0, doc="longest backoff in seconds (caps Retry-After too)")
-    max_per_host: int = field(16, doc="requests in flight to one host, per process")
-    user_agent: str = field("Mozilla/5.0 (compatible; mgpt4-download/0.1)", doc="User-Agent header")
-    respect_noai: bool = field(True, doc="skip images whose X-Robots-Tag says noai/noimageai/noindex")
-
-
-@dataclasses.dataclass
-class DownloadConfig:
-    """``mgpt4 download``: inputs, output folder, columns, parallelism, image and fetch settings."""
-
-    inputs: list[str] = field(
-        default_factory=list, doc="URL list files (json/jsonl/csv/tsv/parquet/txt, .gz ok)"
-    )
-    output: str = field("shards", doc="output folder for NNNNN.tar / _stats.json / .parquet")
-    url_col: str | None = field(None, doc="URL column (default: the preset's, else url/URL)")
-    caption_col: str | None = field(
-        None, doc="caption column (default: the preset's, else caption/TEXT/text)"
-    )
-    preset: Literal["laion", "cc_sbu"] | None = field(
-        None, doc="known column names: laion (URL/TEXT), cc_sbu"
-    )
-    shard_size: int = field(10000, doc="input rows per shard")
-    processes: int = field(0, doc="worker processes (0 = one per CPU core)")
-    threads: int = field(32, doc="threads per process, each fetching and resizing one image at a time")
-    decode_memory_mb: int = field(
-        512,
-        doc="decoded-image memory per process in MiB: threads wait for room before decoding, "
-        "an image needing more decodes alone (README: memory bound)",
-    )
-    retry_failed: bool = field(
-        False, doc="re-fetch rows of complete shards that failed for transient reasons"
-    )
-    image: ImageConfig = field(default_factory=ImageConfig, doc="stored image settings")
-    fetch: FetchConfig = field(default_factory=FetchConfig, doc="HTTP settings")
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the first invalid key."""
-        positive = {
-            "shard_size": self.shard_size,
-            "threads": self.threads,
-            "decode_memory_mb": self.decode_memory_mb,
-            "image.size": self.image.size,
-            "fetch.max_per_host": self.fetch.max_per_host,
-            "fetch.max_bytes": self.fetch.max_bytes,
-            "image.max_pixels": self.image.max_pixels,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
-        checks = [
-            ("processes", self.processes >= 0),
-            ("image.jpeg_quality", 1 <= self.image.jpeg_quality <= 100),
-            ("image.min_size", self.image.min_size >= 0),
-            ("fetch.timeout", self.fetch.timeout > 0),
-            ("fetch.max_redirects", self.fetch.max_redirects >= 0),
-            ("fetch.retries", self.fetch.retries >= 0),
-            ("fetch.backoff_base", self.fetch.backoff_base >= 0),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise ConfigError(f"{key}: invalid value")
-
-    def fetch_settings(self) -> FetchSettings:
-        """The fetch section as the fetcher's settings."""
-        return FetchSettings(**dataclasses.asdict(self.fetch))
-
-    def image_settings(self) -> ImageSettings:
-        """The image section as the resizer's settings."""
-        im = self.image
-        return ImageSettings(im.size, im.resize_mode, im.jpeg_quality, im.min_size, im.max_pixels)
-
-
-# Settings that decide what the files in an output folder contain: a rerun must not mix in other values.
-_IDENTITY_KEYS = ("inputs", "url_col", "caption_col", "preset", "shard_size", "image")
-
-
-def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, Any]:
+def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Download every row of ``cfg.inputs`` into shards under ``cfg.output``; returns a summary dict.
+
+    ``progress`` gets a ``DownloadStatus`` after each update; without it a line is logged every 10 s.
 
     Raises:
         UsageError: missing/unknown inputs, no URL column, a folder written with other settings or in use.
@@ -161,12 +65,10 @@ def run_download(cfg: DownloadConfig, show_progress: bool = False) -> dict[str, 
         counts = [sources.count_rows(p) for p in paths]
         total = sum(counts) if all(c is not None for c in counts) else None
         started = time.monotonic()
-        spec = WorkerSpec(
-            folder, cfg.fetch_settings(), cfg.image_settings(), cfg.threads, cfg.decode_memory_mb << 20
-        )
+        spec = WorkerSpec(folder, cfg.fetch, cfg.image, cfg.threads, cfg.decode_memory_mb << 20)
         pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)
-        with DownloadProgress(total, show_progress) as progress, sigterm_as_interrupt():
-            results, shards = execute(_plan(paths, columns, cfg, folder, progress), pool, progress)
+        with DownloadProgress(total, progress) as counts, sigterm_as_interrupt():
+            results, shards = execute(_plan(paths, columns, cfg, folder, counts), pool, counts)
         return _summary(cfg, folder, results, shards, time.monotonic() - started)
 
 
@@ -213,7 +115,7 @@ def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
         raise UsageError(
             f"{saved_path}: unreadable ({exc}); delete it or choose another output folder"
         ) from exc
-    for key in _IDENTITY_KEYS:
+    for key in IDENTITY_KEYS:
         old, new = getattr(saved, key), getattr(cfg, key)
         if old != new:
             shown_old = dataclasses.asdict(old) if dataclasses.is_dataclass(old) else old
