@@ -37,6 +37,20 @@ class DownloadConfig:
     retry_failed: bool = field(
         False, doc="re-fetch rows of complete shards that failed for transient reasons"
     )
+    distributor: Literal["multiprocessing", "ray"] = field(
+        "multiprocessing",
+        doc="who runs the shards: local worker processes, or Ray tasks (pip install 'mgpt4[ray]')",
+    )
+    ray_address: str | None = field(
+        None, doc="Ray cluster to join (auto, or HOST:PORT); None starts a local one with `processes` CPUs"
+    )
+    node_rank: int = field(0, doc="this machine's index (0 … num_nodes-1) when several share one list")
+    num_nodes: int = field(
+        1, doc="machines sharing the list without Ray; each takes every num_nodes-th shard"
+    )
+    checkpoint_seconds: float = field(
+        60.0, doc="remote output: seconds between uploads of an unfinished shard (what a kill can cost)"
+    )
     image: ImageConfig = field(default_factory=ImageConfig, doc="stored image settings")
     fetch: FetchConfig = field(default_factory=FetchConfig, doc="HTTP settings")
 
@@ -62,10 +76,21 @@ class DownloadConfig:
             ("fetch.max_redirects", self.fetch.max_redirects >= 0),
             ("fetch.retries", self.fetch.retries >= 0),
             ("fetch.backoff_base", self.fetch.backoff_base >= 0),
+            ("checkpoint_seconds", self.checkpoint_seconds > 0),
+            ("num_nodes", self.num_nodes >= 1),
         ]
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"{key}: invalid value")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ConfigError(f"node_rank: must be in 0 … {self.num_nodes - 1} (num_nodes={self.num_nodes})")
+        if self.output.startswith("memory://") and (
+            self.processes != 1 or self.distributor != "multiprocessing"
+        ):
+            raise ConfigError(
+                "output: a memory:// folder lives in one process; use processes=1 with the multiprocessing "
+                "distributor"
+            )
 
 
 # Settings that decide what the files in an output folder contain: a rerun must not mix in other values.

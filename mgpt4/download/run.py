@@ -7,19 +7,22 @@ Input rows are cut into shards of ``shard_size`` in input order, so shard N alwa
 and a rerun of the same command finds its earlier work: complete shards (``NNNNN_stats.json`` present)
 are skipped, incomplete ones resume from their partial files (``mgpt4.download.shard_writer``).
 
-Parallelism: ``processes`` worker processes, each downloading one shard at a time with ``threads``
-threads that carry a row all the way from request to JPEG (``mgpt4.download.shard_download``).
+Parallelism: ``processes`` worker processes (``mgpt4.download.pool``) or Ray tasks on a cluster
+(``mgpt4.download.ray_distributor``), each downloading one shard at a time with ``threads`` threads that
+carry a row all the way from request to JPEG (``mgpt4.download.shard_download``). Without Ray, several
+machines share one list with ``node_rank``/``num_nodes``: each takes every ``num_nodes``-th shard, and
+``merge_report`` sums up the folder afterwards.
+
+The output is a local folder or any fsspec URL (``mgpt4.download.storage``); inputs too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import itertools
-import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,18 +31,21 @@ from typing import Any
 
 from mgpt4.config import load_config, save_config
 from mgpt4.data import sources
-from mgpt4.download import shard_writer
 from mgpt4.download.config import IDENTITY_KEYS, DownloadConfig
 from mgpt4.download.fetch import TRANSIENT_KINDS
-from mgpt4.download.pool import ShardPool, Skipped, WorkerSpec, execute, sigterm_as_interrupt
+from mgpt4.download.pool import ShardPool, Skipped, execute, sigterm_as_interrupt
 from mgpt4.download.progress import DownloadProgress, ProgressCallback
+from mgpt4.download.report import SHARD_FILE, read_stats
 from mgpt4.download.shard_download import ShardJob, ShardResult
+from mgpt4.download.shard_writer import shard_name
+from mgpt4.download.storage import LocalFolder, RemoteFolder, open_output
+from mgpt4.download.worker import WorkerSpec
 from mgpt4.errors import ConfigError, DataError, UsageError
 
 log = logging.getLogger("mgpt4.download")
 
 CONFIG_FILE = "download_config.yaml"
-_LOCK_FILE = ".download.lock"
+Folder = LocalFolder | RemoteFolder
 
 
 def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -48,70 +54,68 @@ def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) 
     ``progress`` gets a ``DownloadStatus`` after each update; without it a line is logged every 10 s.
 
     Raises:
-        UsageError: missing/unknown inputs, no URL column, a folder written with other settings or in use.
+        UsageError: missing/unknown inputs, no URL column, a folder written with other settings or in use,
+            Ray asked for but not installed.
         DataError: unreadable inputs, unwritable output, a worker process that died.
     """
-    paths = sources.check_inputs(cfg.inputs)
-    cfg = dataclasses.replace(cfg, inputs=[str(p.resolve()) for p in paths])
+    if cfg.distributor == "ray":
+        from mgpt4.download.ray_distributor import require_ray
+
+        require_ray()
+    inputs = sources.check_inputs(cfg.inputs)
+    cfg = dataclasses.replace(cfg, inputs=[str(p.resolve()) if isinstance(p, Path) else p for p in inputs])
     columns = sources.resolve_columns(cfg.url_col, cfg.caption_col, cfg.preset)
-    sources.check_columns(paths, columns)
-    folder = _output_folder(Path(cfg.output))
-    with _folder_lock(folder):
+    sources.check_columns(inputs, columns)
+    folder = open_output(cfg.output)
+    folder.create()
+    with folder.lock(_lock_name(cfg)):
         _check_same_settings(folder, cfg)
-        try:
-            save_config(cfg, folder / CONFIG_FILE, header=f"mgpt4 download --config {folder / CONFIG_FILE}")
-        except OSError as exc:
-            raise DataError(f"{folder / CONFIG_FILE}: cannot write ({exc.strerror or exc})") from exc
-        counts = [sources.count_rows(p) for p in paths]
-        total = sum(counts) if all(c is not None for c in counts) else None
+        _save_config(folder, cfg)
+        counts = [sources.count_rows(p) for p in inputs]
+        known = cfg.num_nodes == 1 and all(c is not None for c in counts)
+        total = sum(c for c in counts if c is not None) if known else None
         started = time.monotonic()
-        spec = WorkerSpec(folder, cfg.fetch, cfg.image, cfg.threads, cfg.decode_memory_mb << 20)
-        pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)
-        with DownloadProgress(total, progress) as counts, sigterm_as_interrupt():
-            results, shards = execute(_plan(paths, columns, cfg, folder, counts), pool, counts)
+        spec = WorkerSpec(
+            folder.location,
+            cfg.fetch,
+            cfg.image,
+            cfg.threads,
+            cfg.decode_memory_mb << 20,
+            cfg.checkpoint_seconds,
+        )
+        complete = {shard_id: stats.get("count") for shard_id, stats in read_stats(folder).items()}
+        if cfg.distributor == "ray":
+            from mgpt4.download.ray_distributor import RayCluster
+
+            with RayCluster(cfg.ray_address, cfg.processes) as cluster:
+                with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
+                    plan = _plan(inputs, columns, cfg, folder, complete, tally)
+                    results, shards = cluster.execute(plan, spec, tally)
+        else:
+            pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)  # forked before any thread starts
+            with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
+                results, shards = execute(_plan(inputs, columns, cfg, folder, complete, tally), pool, tally)
         return _summary(cfg, folder, results, shards, time.monotonic() - started)
 
 
-def _output_folder(folder: Path) -> Path:
-    """Create the output folder; a path that cannot be one is the user's to change (UsageError)."""
-    hint = "choose another output folder with -o"
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder}: is a file, not a folder; {hint}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"{folder}: cannot create the output folder ({exc.strerror or exc}); {hint}"
-        ) from exc
-    return folder
+def _lock_name(cfg: DownloadConfig) -> str:
+    """One run holds the folder; with ``num_nodes`` > 1 each node holds its own share of it."""
+    if cfg.num_nodes == 1:
+        return ".download.lock"
+    return f".download.node-{cfg.node_rank}-of-{cfg.num_nodes}.lock"
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    try:
-        handle = open(folder / _LOCK_FILE, "w")  # noqa: SIM115 - `with handle` below closes it
-    except OSError as exc:
-        raise UsageError(
-            f"{folder}: cannot write to the output folder ({exc.strerror or exc}); "
-            "choose another output folder with -o"
-        ) from exc
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise UsageError(f"{folder}: another `mgpt4 download` is writing to this folder") from exc
-        yield
-
-
-def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
+def _check_same_settings(folder: Folder, cfg: DownloadConfig) -> None:
     """The saved settings guard the shards written with them; with no shard yet (a run that failed on
     its inputs or columns, or was stopped at once) there is nothing to guard and they are replaced."""
-    saved_path = folder / CONFIG_FILE
-    if not saved_path.is_file() or not shard_writer.has_shard_files(folder):
+    names = folder.names()
+    if CONFIG_FILE not in names or not any(SHARD_FILE.match(n) for n in names):
         return
+    saved_path = folder.child(CONFIG_FILE)
     try:
-        saved = load_config(DownloadConfig, saved_path)
-    except ConfigError as exc:
+        with folder.local_copy(CONFIG_FILE) as local:
+            saved = load_config(DownloadConfig, local)
+    except (ConfigError, OSError) as exc:
         raise UsageError(
             f"{saved_path}: unreadable ({exc}); delete it or choose another output folder"
         ) from exc
@@ -121,9 +125,21 @@ def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
             shown_old = dataclasses.asdict(old) if dataclasses.is_dataclass(old) else old
             shown_new = dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new
             raise UsageError(
-                f"{folder} was written with {key}={shown_old}, this run has {key}={shown_new}; "
+                f"{folder.location} was written with {key}={shown_old}, this run has {key}={shown_new}; "
                 "rerun with the same inputs and settings to resume, or choose another output folder"
             )
+
+
+def _save_config(folder: Folder, cfg: DownloadConfig) -> None:
+    header = f"mgpt4 download --config {folder.child(CONFIG_FILE)}"
+    try:
+        if isinstance(folder, LocalFolder):
+            save_config(cfg, folder.path / CONFIG_FILE, header=header)
+            return
+        with tempfile.TemporaryDirectory(prefix="mgpt4-") as tmp:
+            folder.write_from(save_config(cfg, Path(tmp) / CONFIG_FILE, header=header), CONFIG_FILE)
+    except OSError as exc:
+        raise DataError(f"{folder.child(CONFIG_FILE)}: cannot write ({exc.strerror or exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,16 +148,23 @@ def _check_same_settings(folder: Path, cfg: DownloadConfig) -> None:
 
 
 def _plan(
-    paths: list[Path], columns: sources.Columns, cfg: DownloadConfig, folder: Path, progress: DownloadProgress
+    inputs: list[Path | str],
+    columns: sources.Columns,
+    cfg: DownloadConfig,
+    folder: Folder,
+    complete: dict[int, Any],
+    progress: DownloadProgress,
 ) -> Iterator[ShardJob | Skipped]:
-    rows_iter = sources.iter_rows(paths, columns)
+    rows_iter = sources.iter_rows(inputs, columns)
     total = 0
     for shard_id in itertools.count():
         rows = list(itertools.islice(rows_iter, cfg.shard_size))
         if not rows:
             break
+        if shard_id % cfg.num_nodes != cfg.node_rank:
+            continue  # another node's shard
         total += len(rows)
-        if shard_writer.completed_rows(folder, shard_id) != len(rows):  # new, unfinished, or the list grew
+        if complete.get(shard_id) != len(rows):  # new, unfinished, or the list grew
             yield ShardJob(shard_id, rows, cfg.shard_size)
         elif cfg.retry_failed and _has_transient_failures(folder, shard_id):
             yield ShardJob(shard_id, rows, cfg.shard_size, retry_transient=True)
@@ -150,9 +173,9 @@ def _plan(
     progress.set_total(total)
 
 
-def _has_transient_failures(folder: Path, shard_id: int) -> bool:
+def _has_transient_failures(folder: Folder, shard_id: int) -> bool:
     try:
-        records = shard_writer.read_records(folder, shard_id)
+        records = folder.read_parquet(f"{shard_name(shard_id)}.parquet", columns=["status", "error_kind"])
     except (OSError, ValueError):
         return False
     return any(r.get("status") != "success" and r.get("error_kind") in TRANSIENT_KINDS for r in records)
@@ -164,7 +187,7 @@ def _has_transient_failures(folder: Path, shard_id: int) -> bool:
 
 
 def _summary(
-    cfg: DownloadConfig, folder: Path, results: list[ShardResult], shards: Counter, seconds: float
+    cfg: DownloadConfig, folder: Folder, results: list[ShardResult], shards: Counter, seconds: float
 ) -> dict[str, Any]:
     statuses: Counter = Counter()
     kinds: Counter = Counter()
@@ -176,14 +199,12 @@ def _summary(
             examples.setdefault(kind, message)
     rows = sum(statuses.values())
     dataset = {"shards": 0, "rows": 0, "successes": 0}
-    for stats_file in sorted(folder.glob("*_stats.json")):
-        stats = _read_json(stats_file)
-        if stats:
-            dataset["shards"] += 1
-            dataset["rows"] += int(stats.get("count", 0))
-            dataset["successes"] += int(stats.get("successes", 0))
+    for stats in read_stats(folder).values():
+        dataset["shards"] += 1
+        dataset["rows"] += int(stats.get("count", 0))
+        dataset["successes"] += int(stats.get("successes", 0))
     return {
-        "output": str(folder),
+        "output": folder.location,
         "run": {
             "rows": rows,
             "successes": statuses["success"],
@@ -202,11 +223,3 @@ def _summary(
         },
         "dataset": dataset,
     }
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

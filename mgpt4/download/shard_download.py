@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,11 +75,15 @@ def download_shard(
     stop: StopFlag,
     report: Callable[[bool], None],
     budget: DecodeBudget | None = None,
+    checkpoint: Callable[[int, int], None] | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> ShardResult:
     """Fetch every row of ``job`` not already in the folder and complete the shard.
 
     Returns a result with ``completed=False`` (partial files left for the next run) when ``stop`` was set.
     ``budget`` bounds the decoded-image memory of the threads (shared by every shard of the process).
+    ``checkpoint(tar_bytes, journal_bytes)`` is called every ``checkpoint_seconds`` with how much of the
+    partial tar and journal is written and flushed (whole samples and lines), e.g. to upload them.
 
     Raises:
         DataError: the shard's files cannot be written (disk full, permissions).
@@ -108,9 +113,15 @@ def download_shard(
     workers = [threading.Thread(target=state.work, daemon=True) for _ in range(min(threads, len(todo)))]
     for w in workers:
         w.start()
+    last_checkpoint = time.monotonic()
     for w in workers:
         while w.is_alive() and not stop.is_set():
             w.join(timeout=0.2)
+            if checkpoint is not None and time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                with state.lock:
+                    sizes = writer.flushed_sizes()
+                _try_checkpoint(checkpoint, sizes, job.shard_id)
+                last_checkpoint = time.monotonic()
     with state.lock:
         state.closed = True  # threads still in a request drop their row: it is fetched again next run
         if state.error is not None:
@@ -130,6 +141,13 @@ def download_shard(
 
 
 _NO_URL = object()
+
+
+def _try_checkpoint(checkpoint: Callable[[int, int], None], sizes: tuple[int, int], shard_id: int) -> None:
+    try:
+        checkpoint(*sizes)
+    except Exception as exc:  # a failed upload costs at most a refetch after a kill, never the shard
+        log.warning("shard %05d: checkpoint upload failed (%s); continuing", shard_id, exc)
 
 
 def _not_transient(record: dict[str, Any]) -> bool:
