@@ -8,8 +8,10 @@ code 2 (usage / bad input) or 1 (runtime failure). ``--debug`` shows the traceba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -189,11 +191,14 @@ def download_run(
     given = as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
     cfg = load_config(DownloadConfig, config_path, overrides + given)
     cfg.validate()
-    if quiet or not is_interactive():
-        summary = run_download(cfg)
-    else:
-        with ProgressBar() as bar:
-            summary = run_download(cfg, progress=bar)
+    # Ray's driver prints its cluster's messages (a worker died, task logs) to stdout; with --json only the
+    # summary goes there.
+    with contextlib.redirect_stdout(sys.stderr):
+        if quiet or not is_interactive():
+            summary = run_download(cfg)
+        else:
+            with ProgressBar() as bar:
+                summary = run_download(cfg, progress=bar)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

@@ -10,7 +10,8 @@ file (``mgpt4.download.remote_shard``).
 
 Locking: a local folder is held with ``flock`` (released by the kernel when the process dies). An object
 store has no lock, so a remote folder gets a lease file (host, pid, renewed every 30 s): a second run
-that finds a lease renewed in the last 2 minutes is refused. It is a guard against mistakes, not a
+that finds a lease renewed in the last 2 minutes is refused, unless the lease's process ran on this
+host and is gone (a killed run is resumed at once). It is a guard against mistakes, not a
 mutex: two runs started within the same instant can both take it (the store's last write wins, and
 each re-reads the lease once to catch most such races).
 """
@@ -221,7 +222,7 @@ class RemoteFolder:
         """Hold the folder with a lease file renewed every 30 s (see the module docstring)."""
         path = self.path(name)
         held = self._lease(path)
-        if held is not None and time.time() - float(held.get("renewed", 0)) < LEASE_SECONDS:
+        if held is not None and _lease_live(held):
             raise self._busy(held, path)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         try:
@@ -265,6 +266,21 @@ class RemoteFolder:
             f"pid {held.get('pid')}, lease renewed {age:.0f} s ago); if that run is gone, delete "
             f"{self.fs.unstrip_protocol(path)} or wait {LEASE_SECONDS:.0f} s"
         )
+
+
+def _lease_live(held: dict[str, Any]) -> bool:
+    """A lease renewed within ``LEASE_SECONDS`` by a process that, if it ran on this host, still exists."""
+    if time.time() - float(held.get("renewed", 0)) >= LEASE_SECONDS:
+        return False
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return True
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return False  # killed here: no need to wait for the lease to expire
+    except PermissionError:
+        pass  # another user's process: alive
+    return True
 
 
 def _cat_one(fs: Any, path: str) -> dict[str, bytes]:

@@ -121,8 +121,8 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_does_not(
 
 
 def test_file_url_input_and_output_through_the_cli(tmp_path: Path, server: LoopbackServer) -> None:
-    url_list = _url_list(tmp_path / "urls.jsonl", [server.add_image(f"{i}.jpg", make_jpeg(60, 40, seed=i))
-                                                   for i in range(7)] + [server.base + "/missing.jpg"])  # fmt: skip
+    urls = [server.add_image(f"{i}.jpg", make_jpeg(60, 40, seed=i)) for i in range(7)]
+    url_list = _url_list(tmp_path / "urls.jsonl", [*urls, server.base + "/missing.jpg"])
     out = f"file://{tmp_path}/out"
     args = ["download", f"file://{url_list}", "-o", out, "--shard-size", "3", "--processes", "1", "--json"]
     result = CliRunner().invoke(cli, args)
