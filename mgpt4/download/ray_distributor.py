@@ -12,6 +12,11 @@ the dead attempt left (its journal and partial tar on a shared folder; the last 
 one) and fetches only the rows no file holds. Every node must reach the output: a shared mount for a
 plain path, or any fsspec URL (``s3://...``). Ctrl-C / SIGTERM on the driver cancels the tasks, which
 stop taking rows and leave their partial files for the next run.
+
+A run's summary counts the rows its tasks' final attempts fetched; rows a dead attempt stored are kept
+by the retry (and counted in the folder's totals), not fetched again. A local cluster started by the
+command is stopped with it; after a SIGKILL of the driver Ray 2.60 leaves its two agent processes
+(``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) behind, which ``ray stop`` ends.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """One shard of a remote (fsspec) output: written in a local staging folder, published file by file.
 
 An object store has no append and no rename, so the crash-safe writing itself (``ShardWriter``: partial
-tar flushed per sample, journal per row) happens in ``$TMPDIR/mgpt4-download-<hash>/NNNNN/``. The
-remote folder gets the same files in the same order as a local run leaves them, so the same salvage
-logic reads them back:
+tar flushed per sample, journal per row) happens in ``$TMPDIR/mgpt4-download-<hash>-NNNNN/`` (removed
+when the shard is done; one shard's worth of disk per running shard). The remote folder gets the same
+files in the same order as a local run leaves them, so the same salvage logic reads them back:
 
 - before the shard starts, whatever an earlier run left remotely (complete tar + parquet, partial tar,
   journal) is copied into the staging folder, and ``ShardWriter.open`` salvages it as it would locally;
@@ -41,12 +41,12 @@ class RemoteShard:
         self.name = shard_name(shard_id)
         digest = hashlib.sha1(folder.location.encode()).hexdigest()[:12]
         # One path per (output, shard): a staging folder left by a killed process is cleared on reuse.
-        self.staging = Path(tempfile.gettempdir()) / f"mgpt4-download-{digest}" / self.name
+        self.staging = Path(tempfile.gettempdir()) / f"mgpt4-download-{digest}-{self.name}"
 
     def stage(self) -> Path:
         """A fresh staging folder holding what earlier runs left remotely for this shard."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self.staging.mkdir()
         names = self.folder.names()
         for leftover in sorted(n for n in names if n.startswith(self.name) and ".tmp-" in n):
             self.folder.remove(leftover)  # a temporary upload of a killed run

@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,10 +55,12 @@ def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) 
     ``progress`` gets a ``DownloadStatus`` after each update; without it a line is logged every 10 s.
 
     Raises:
+        ConfigError: an invalid setting (``DownloadConfig.validate``).
         UsageError: missing/unknown inputs, no URL column, a folder written with other settings or in use,
             Ray asked for but not installed.
         DataError: unreadable inputs, unwritable output, a worker process that died.
     """
+    cfg.validate()
     if cfg.distributor == "ray":
         from mgpt4.download.ray_distributor import require_ray
 
@@ -75,13 +78,10 @@ def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) 
         known = cfg.num_nodes == 1 and all(c is not None for c in counts)
         total = sum(c for c in counts if c is not None) if known else None
         started = time.monotonic()
+        # Workers get an absolute path: a Ray worker does not run in the driver's current directory.
+        where = str(folder.path.resolve()) if isinstance(folder, LocalFolder) else folder.location
         spec = WorkerSpec(
-            folder.location,
-            cfg.fetch,
-            cfg.image,
-            cfg.threads,
-            cfg.decode_memory_mb << 20,
-            cfg.checkpoint_seconds,
+            where, cfg.fetch, cfg.image, cfg.threads, cfg.decode_memory_mb << 20, cfg.checkpoint_seconds
         )
         complete = {shard_id: stats.get("count") for shard_id, stats in read_stats(folder).items()}
         if cfg.distributor == "ray":
@@ -133,8 +133,12 @@ def _check_same_settings(folder: Folder, cfg: DownloadConfig) -> None:
 def _save_config(folder: Folder, cfg: DownloadConfig) -> None:
     header = f"mgpt4 download --config {folder.child(CONFIG_FILE)}"
     try:
-        if isinstance(folder, LocalFolder):
+        if isinstance(folder, LocalFolder) and cfg.num_nodes == 1:
             save_config(cfg, folder.path / CONFIG_FILE, header=header)
+            return
+        if isinstance(folder, LocalFolder):  # nodes starting together: each writes its own file, then renames
+            mine = folder.path / f".{CONFIG_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            save_config(cfg, mine, header=header).replace(folder.path / CONFIG_FILE)
             return
         with tempfile.TemporaryDirectory(prefix="mgpt4-") as tmp:
             folder.write_from(save_config(cfg, Path(tmp) / CONFIG_FILE, header=header), CONFIG_FILE)

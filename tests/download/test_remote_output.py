@@ -22,7 +22,9 @@ from helpers.shard_checks import count_folder
 
 from mgpt4.cli import cli
 from mgpt4.download import DownloadConfig, FetchConfig, ImageConfig, run_download
+from mgpt4.download.remote_shard import RemoteShard
 from mgpt4.download.shard_download import shard_key
+from mgpt4.download.storage import RemoteFolder
 from mgpt4.errors import ConfigError, UsageError
 
 
@@ -94,6 +96,7 @@ def test_memory_output_resumes_after_an_interruption_and_retries_failures(
     assert counts.rows == 27 and counts.successes == 27 and counts.leftovers == []
     assert all(counts.jpegs[name] == jpeg for name, jpeg in stored.items())  # kept byte for byte
     assert all(server.hits[u.removeprefix(server.base)] == 1 for u in good)
+    assert not any(RemoteShard(RemoteFolder(memory_url), i).staging.exists() for i in range(3))  # cleaned up
 
 
 def test_memory_output_refuses_several_processes(tmp_path: Path) -> None:
