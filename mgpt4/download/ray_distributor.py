@@ -22,6 +22,7 @@ command is stopped with it; after a SIGKILL of the driver Ray 2.60 leaves its tw
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -65,6 +66,8 @@ class RayCluster:
         options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if self.address is None:
             options["num_cpus"] = self.processes or None
+        else:
+            _check_reachable(self.address)
         try:
             ray.init(address=self.address, **options)
         except ConnectionError as exc:
@@ -143,6 +146,20 @@ class RayCluster:
                 ) from exc
             results.append(result)
             shards["written" if result.completed else "incomplete"] += 1
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in a second on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "local", ray://…: Ray resolves these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise DataError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+            "is `ray start --head` running there?"
+        ) from exc
 
 
 def _drain(tally: Any, progress: DownloadProgress) -> None:

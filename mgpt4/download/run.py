@@ -18,6 +18,7 @@ The output is a local folder or any fsspec URL (``mgpt4.download.storage``); inp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -70,32 +71,51 @@ def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) 
     columns = sources.resolve_columns(cfg.url_col, cfg.caption_col, cfg.preset)
     sources.check_columns(inputs, columns)
     folder = open_output(cfg.output)
-    folder.create()
-    with folder.lock(_lock_name(cfg)):
-        _check_same_settings(folder, cfg)
-        _save_config(folder, cfg)
-        counts = [sources.count_rows(p) for p in inputs]
-        known = cfg.num_nodes == 1 and all(c is not None for c in counts)
-        total = sum(c for c in counts if c is not None) if known else None
-        started = time.monotonic()
-        # Workers get an absolute path: a Ray worker does not run in the driver's current directory.
-        where = str(folder.path.resolve()) if isinstance(folder, LocalFolder) else folder.location
-        spec = WorkerSpec(
-            where, cfg.fetch, cfg.image, cfg.threads, cfg.decode_memory_mb << 20, cfg.checkpoint_seconds
-        )
-        complete = {shard_id: stats.get("count") for shard_id, stats in read_stats(folder).items()}
-        if cfg.distributor == "ray":
-            from mgpt4.download.ray_distributor import RayCluster
+    with _distributor(cfg) as cluster:  # joined before the output is touched: a bad address writes nothing
+        folder.create()
+        with folder.lock(_lock_name(cfg)):
+            return _download(cfg, inputs, columns, folder, cluster, progress)
 
-            with RayCluster(cfg.ray_address, cfg.processes) as cluster:
-                with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
-                    plan = _plan(inputs, columns, cfg, folder, complete, tally)
-                    results, shards = cluster.execute(plan, spec, tally)
-        else:
-            pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)  # forked before any thread starts
-            with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
-                results, shards = execute(_plan(inputs, columns, cfg, folder, complete, tally), pool, tally)
-        return _summary(cfg, folder, results, shards, time.monotonic() - started)
+
+def _distributor(cfg: DownloadConfig) -> contextlib.AbstractContextManager[Any]:
+    if cfg.distributor != "ray":
+        return contextlib.nullcontext()
+    from mgpt4.download.ray_distributor import RayCluster
+
+    return RayCluster(cfg.ray_address, cfg.processes)
+
+
+def _download(
+    cfg: DownloadConfig,
+    inputs: list[Path | str],
+    columns: sources.Columns,
+    folder: Folder,
+    cluster: Any,
+    progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """The run itself, with the distributor joined and the folder held."""
+    _check_same_settings(folder, cfg)
+    _save_config(folder, cfg)
+    counts = [sources.count_rows(p) for p in inputs]
+    known = cfg.num_nodes == 1 and all(c is not None for c in counts)
+    total = sum(c for c in counts if c is not None) if known else None
+    started = time.monotonic()
+    # Workers get an absolute path: a Ray worker does not run in the driver's current directory.
+    where = str(folder.path.resolve()) if isinstance(folder, LocalFolder) else folder.location
+    spec = WorkerSpec(
+        where, cfg.fetch, cfg.image, cfg.threads, cfg.decode_memory_mb << 20, cfg.checkpoint_seconds
+    )
+    complete = {shard_id: stats.get("count") for shard_id, stats in read_stats(folder).items()}
+    if cluster is not None:
+        with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
+            results, shards = cluster.execute(
+                _plan(inputs, columns, cfg, folder, complete, tally), spec, tally
+            )
+    else:
+        pool = ShardPool(spec, cfg.processes or os.cpu_count() or 1)  # forked before any thread starts
+        with DownloadProgress(total, progress) as tally, sigterm_as_interrupt():
+            results, shards = execute(_plan(inputs, columns, cfg, folder, complete, tally), pool, tally)
+    return _summary(cfg, folder, results, shards, time.monotonic() - started)
 
 
 def _lock_name(cfg: DownloadConfig) -> str:

@@ -181,3 +181,17 @@ def test_bad_node_ranks_exit_2(tmp_path: Path, flags: list[str], message: str) -
 def test_report_of_a_folder_without_shards_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["download", "report", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "no shards here" in result.stderr
+
+
+def test_an_unreachable_ray_address_fails_in_one_line_before_writing(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from helpers.loopback_http import closed_port_url
+
+    address = closed_port_url().removeprefix("http://").split("/")[0]
+    url_list = _url_list(tmp_path / "u.jsonl", ["http://127.0.0.1:9/x.jpg"])
+    out = tmp_path / "out"
+    args = ["download", str(url_list), "-o", str(out), "--distributor", "ray", "--ray-address", address]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: cannot reach the Ray cluster at {address} (")
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
