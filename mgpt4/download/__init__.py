@@ -4,7 +4,9 @@
     summary = run_download(load_config(DownloadConfig, None, ["inputs=[urls.parquet]", "output=shards"]))
 
 fetch (HTTP) · resize (JPEG) · decode_budget (memory) · shard_writer (crash-safe files) · shard_download
-(one shard, threaded) · pool (local processes) · progress (counts for a callback) · run (planning,
+(one shard, threaded) · worker (one shard, any distributor) · pool (local processes) · ray_distributor
+(Ray tasks) · storage (local folder or fsspec URL) · remote_shard (staging and publishing on a store) ·
+progress (counts for a callback) · report (a folder's totals, ``merge_report``) · run (planning,
 summary) · config (every setting).
 
 The names below load on first use, so that importing one submodule (the CLI reads
@@ -23,6 +25,7 @@ _EXPORTS = {
     "ImageConfig": "mgpt4.download.resize",
     "ProgressCallback": "mgpt4.download.progress",
     "ResizeMode": "mgpt4.download.resize",
+    "merge_report": "mgpt4.download.report",
     "run_download": "mgpt4.download.run",
 }
 __all__ = sorted(_EXPORTS)

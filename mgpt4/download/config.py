@@ -49,7 +49,9 @@ class DownloadConfig:
         1, doc="machines sharing the list without Ray; each takes every num_nodes-th shard"
     )
     checkpoint_seconds: float = field(
-        60.0, doc="remote output: seconds between uploads of an unfinished shard (what a kill can cost)"
+        60.0,
+        doc="remote output: seconds between uploads of an unfinished shard (what a kill can cost; each "
+        "upload sends its partial tar whole, as a store cannot append)",
     )
     image: ImageConfig = field(default_factory=ImageConfig, doc="stored image settings")
     fetch: FetchConfig = field(default_factory=FetchConfig, doc="HTTP settings")

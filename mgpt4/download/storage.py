@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mgpt4.errors import DataError, UsageError
+from mgpt4.errors import UsageError
 
 LEASE_SECONDS = 120.0  # a remote lease not renewed for this long belongs to a run that is gone
 _RENEW_SECONDS = 30.0
@@ -125,11 +125,6 @@ class LocalFolder:
     def local_copy(self, name: str) -> contextlib.AbstractContextManager[Path]:
         """A local path holding the file's content (here: the file itself)."""
         return contextlib.nullcontext(self.path / name)
-
-    def write_from(self, local: Path, name: str) -> None:
-        """Put a local file into the folder atomically (here: the file is already written in place)."""
-        if local != self.path / name:
-            local.replace(self.path / name)
 
 
 class RemoteFolder:
@@ -288,23 +283,3 @@ def _cat_one(fs: Any, path: str) -> dict[str, bytes]:
         return {path: fs.cat_file(path)}
     except FileNotFoundError:
         return {}
-
-
-def write_text_atomic(folder: LocalFolder | RemoteFolder, name: str, text: str) -> None:
-    """Write a small text file into the folder so a reader sees the old or the new content, whole.
-
-    Raises:
-        DataError: the folder cannot be written.
-    """
-    try:
-        if isinstance(folder, LocalFolder):
-            tmp = folder.path / f"{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(folder.path / name)
-            return
-        with tempfile.TemporaryDirectory(prefix="mgpt4-") as tmp_dir:
-            local = Path(tmp_dir) / name
-            local.write_text(text)
-            folder.write_from(local, name)
-    except OSError as exc:
-        raise DataError(f"{folder.child(name)}: cannot write ({exc})") from exc
