@@ -152,6 +152,8 @@ def _check_same_settings(folder: Folder, cfg: DownloadConfig) -> None:
 
 def _save_config(folder: Folder, cfg: DownloadConfig) -> None:
     header = f"mgpt4 download --config {folder.child(CONFIG_FILE)}"
+    if folder.is_remote:  # --config reads a local file
+        header = f"mgpt4 download --config {CONFIG_FILE}  (a local copy of {folder.child(CONFIG_FILE)})"
     try:
         if isinstance(folder, LocalFolder) and cfg.num_nodes == 1:
             save_config(cfg, folder.path / CONFIG_FILE, header=header)
