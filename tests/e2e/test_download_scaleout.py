@@ -134,6 +134,7 @@ def test_ray_worker_killed_mid_shard_every_row_once(tmp_path: Path, server: Loop
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, stderr[-3000:]
     assert not Path(f"/proc/{victim}").exists() or b"Z" in Path(f"/proc/{victim}/stat").read_bytes()
+    assert "worker died or was killed while executing a task" in stderr  # Ray saw a task die and retried it
     summary = json.loads(stdout)
     assert summary["shards"] == {"written": n // size, "skipped": 0, "incomplete": 0}
     assert summary["dataset"] == {"shards": n // size, "rows": n, "successes": n}
