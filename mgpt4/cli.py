@@ -8,7 +8,10 @@ code 2 (usage / bad input) or 1 (runtime failure). ``--debug`` shows the traceba
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +21,7 @@ import click
 from mgpt4 import __version__
 from mgpt4.cli_options import as_overrides, config_options, split_args
 from mgpt4.console import console, err_console
+from mgpt4.download.resize import RESIZE_MODES
 from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.infer.cli import chat, describe
 
@@ -107,16 +111,43 @@ def model_info(preset: str, trainable: str, as_json: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+class _RunByDefaultGroup(click.Group):
+    """``mgpt4 CMD [OPTIONS]`` runs the subcommand ``run``; ``mgpt4 CMD NAME`` another one (``curate review``,
+    ``download report``). A first argument that is an existing file stays an input of ``run``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not self.no_args_is_help:
+            args = ["run"]
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        if args and args[0] in self.commands and not os.path.exists(args[0]):
+            return super().resolve_command(ctx, args)
+        return "run", self.commands["run"], args
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        run_cmd = self.commands["run"]
+        run_cmd.format_help(click.Context(run_cmd, info_name=ctx.info_name, parent=ctx.parent), formatter)
+        self.format_commands(ctx, formatter)
+
+
+@cli.group(cls=_RunByDefaultGroup, no_args_is_help=False, context_settings={"ignore_unknown_options": True})
+def download() -> None:
+    """URL lists → img2dataset-compatible WebDataset shards (resumable: rerun the same command)."""
+
+
+@download.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, metavar="INPUT... [KEY=VALUE]...")
-@click.option("--out", "-o", "output", default=None, help="output folder  [default: shards]")
+@click.option(
+    "--out", "-o", "output", default=None, help="output folder or fsspec URL (s3://…)  [default: shards]"
+)
 @click.option("--url-col", default=None, help="URL column (default: the preset's, else url/URL)")
 @click.option("--caption-col", default=None, help="caption column (default: the preset's, else caption/TEXT)")
 @click.option("--preset", type=click.Choice(["laion", "cc_sbu"]), default=None, help="known column names")
 @click.option("--shard-size", type=int, default=None, help="input rows per shard  [default: 10000]")
 @click.option("--image-size", type=int, default=None, help="target size in pixels  [default: 224]")
 @click.option(
-    "--resize-mode", type=click.Choice(["border", "center_crop", "keep_ratio", "no"]), default=None,
+    "--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
     help="border (fit + white pad), center_crop, keep_ratio (short side) or no  [default: border]",
 )
 @click.option("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images  [default: 95]")
@@ -126,10 +157,16 @@ def model_info(preset: str, trainable: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=None, help="seconds per request  [default: 10]")
 @click.option("--retry-failed", is_flag=True, default=None,
               help="re-fetch rows that failed transiently (timeout, 5xx)")
+@click.option("--distributor", type=click.Choice(["multiprocessing", "ray"]), default=None,
+              help="local worker processes, or one Ray task per shard  [default: multiprocessing]")
+@click.option("--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: a new one)")
+@click.option("--node-rank", type=int, default=None, help="this machine's index, 0 … num-nodes-1")
+@click.option("--num-nodes", type=int, default=None,
+              help="machines sharing the list (each takes every N-th shard; then `download report`)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress, no summary; errors only")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--config", "-c", "config_path", default=None, metavar="RECIPE", help="recipe YAML")
-def download(
+def download_run(
     args: tuple[str, ...], config_path: str | None, quiet: bool, as_json: bool, **flags: Any
 ) -> None:
     """URL lists → img2dataset-compatible WebDataset shards (resumable: rerun the same command).
@@ -140,23 +177,46 @@ def download(
     """
     from mgpt4.config import load_config
     from mgpt4.console import is_interactive, setup_logging
-    from mgpt4.data.download import DownloadConfig, run_download
-    from mgpt4.data.download_report import render_summary
+    from mgpt4.download import DownloadConfig, run_download
+    from mgpt4.download_render import ProgressBar, render_summary
 
     setup_logging(quiet or as_json)
     inputs, overrides = split_args(args)
     keys = {name: name for name in ("output", "url_col", "caption_col", "preset", "shard_size", "processes",
-                                    "threads", "retry_failed")}  # fmt: skip
+                                    "threads", "retry_failed", "distributor", "ray_address", "node_rank",
+                                    "num_nodes")}  # fmt: skip
     keys |= {"image_size": "image.size", "resize_mode": "image.resize_mode",
              "jpeg_quality": "image.jpeg_quality", "min_image_size": "image.min_size",
              "timeout": "fetch.timeout"}  # fmt: skip
     given = as_overrides(flags, keys) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
     cfg = load_config(DownloadConfig, config_path, overrides + given)
     cfg.validate()
-    summary = run_download(cfg, show_progress=not quiet and is_interactive())
+    # Ray's driver prints its cluster's messages (a worker died, task logs) to stdout; with --json only the
+    # summary goes there.
+    with contextlib.redirect_stdout(sys.stderr):
+        if quiet or not is_interactive():
+            summary = run_download(cfg)
+        else:
+            with ProgressBar() as bar:
+                summary = run_download(cfg, progress=bar)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
+        render_summary(summary, console)
+
+
+@download.command("report")
+@click.option("--out", "-o", "output", required=True, help="the output folder (a path or an fsspec URL)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+def download_report(output: str, as_json: bool) -> None:
+    """Sum up every complete shard of a folder, e.g. after `--node-rank R --num-nodes N` runs."""
+    from mgpt4.download.report import merge_report
+    from mgpt4.download_render import render_summary
+
+    summary = merge_report(output)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
         render_summary(summary, console)
 
 
@@ -235,21 +295,7 @@ def plot(run: str, output: str | None) -> None:
     click.echo(str(plot_loss(run, output)))
 
 
-class _CurateGroup(click.Group):
-    """``mgpt4 curate [OPTIONS]`` runs the pipeline (subcommand ``run``); ``mgpt4 curate review`` reviews."""
-
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
-        if args and args[0] in self.commands:
-            return super().resolve_command(ctx, args)
-        return "run", self.commands["run"], args
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        run_cmd = self.commands["run"]
-        run_cmd.format_help(click.Context(run_cmd, info_name=ctx.info_name, parent=ctx.parent), formatter)
-        self.format_commands(ctx, formatter)
-
-
-@cli.group(cls=_CurateGroup, context_settings={"ignore_unknown_options": True})
+@cli.group(cls=_RunByDefaultGroup, context_settings={"ignore_unknown_options": True})
 def curate() -> None:
     """Build the aligned set: describe → Continue → LLM fix → filters → review."""
 

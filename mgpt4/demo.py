@@ -164,7 +164,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def _download(out: Path, samples: list[synthetic.ShapeSample]) -> str:
-    from mgpt4.data.download import DownloadConfig, run_download
+    from mgpt4.download import DownloadConfig, run_download
 
     served = out / "data" / "web"
     synthetic.write_image_folder(samples, served)

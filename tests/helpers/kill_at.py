@@ -9,7 +9,9 @@ Kill points (``POINT[,POINT...]``; the first one reached kills the process):
 - ``torn:N`` — during the N-th tar member: its header and half its data reach the file, then the kill
   (the process died mid-write of the tar);
 - ``after-replace:NAME`` — right after a file named NAME is renamed into place (pathlib.Path.replace),
-  e.g. ``00000.tar.partial`` (the tar is complete, its parquet and stats are not written yet).
+  e.g. ``00000.tar.partial`` (the tar is complete, its parquet and stats are not written yet);
+- ``after-mv:NAME`` — right after an fsspec move onto a file named NAME (remote output), e.g.
+  ``00000.tar`` (the tar is in place remotely, its parquet and stats are not).
 
 Only public stdlib functions are wrapped, so the code under test runs unchanged; the kill is a real
 SIGKILL: no ``finally`` blocks, no flushing of Python buffers.
@@ -34,6 +36,7 @@ def install(points: list[str]) -> None:
     addfile_at = {int(p.split(":")[1]) for p in points if p.startswith("addfile:")}
     torn_at = {int(p.split(":")[1]) for p in points if p.startswith("torn:")}
     replaced = {p.split(":", 1)[1] for p in points if p.startswith("after-replace:")}
+    moved = {p.split(":", 1)[1] for p in points if p.startswith("after-mv:")}
     lock = threading.Lock()
     calls = [0]
     original_addfile = tarfile.TarFile.addfile
@@ -61,6 +64,18 @@ def install(points: list[str]) -> None:
 
     tarfile.TarFile.addfile = addfile  # type: ignore[method-assign]
     Path.replace = replace  # type: ignore[method-assign]
+    if moved:
+        import fsspec.spec
+
+        original_mv = fsspec.spec.AbstractFileSystem.mv
+
+        def mv(self, path1, path2, *args, **kwargs):  # noqa: ANN001
+            result = original_mv(self, path1, path2, *args, **kwargs)
+            if str(path2).rstrip("/").rsplit("/", 1)[-1] in moved:
+                _die()
+            return result
+
+        fsspec.spec.AbstractFileSystem.mv = mv  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

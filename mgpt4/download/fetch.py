@@ -11,6 +11,7 @@ pauses *every* request to that host for ``Retry-After`` (or an exponential backo
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import random
 import socket
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
+
+from mgpt4.config import field
 
 # Kinds worth fetching again later (`--retry-failed`): the server or network may recover.
 TRANSIENT_KINDS = frozenset({"timeout", "connection", "http_5xx", "rate_limited"})
@@ -46,19 +49,21 @@ class FetchError(Exception):
         return self.kind in TRANSIENT_KINDS
 
 
-@dataclass(frozen=True)
-class FetchSettings:
-    """What one fetch may do (built from the download config's ``fetch`` section)."""
+@dataclasses.dataclass
+class FetchConfig:
+    """How URLs are fetched (the download config's ``fetch`` section)."""
 
-    timeout: float = 10.0
-    max_redirects: int = 5
-    max_bytes: int = 32 << 20
-    retries: int = 2
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    max_per_host: int = 16
-    user_agent: str = "Mozilla/5.0 (compatible; mgpt4-download/0.1)"
-    respect_noai: bool = True
+    timeout: float = field(10.0, doc="seconds for one request, connect to last byte (per redirect hop)")
+    max_redirects: int = field(5, doc="redirects followed per URL")
+    max_bytes: int = field(32 << 20, doc="largest body accepted, in bytes")
+    retries: int = field(2, doc="retries of a URL answered 429/503, after a per-host backoff")
+    backoff_base: float = field(
+        1.0, doc="first backoff in seconds when a host says 429/503 without Retry-After"
+    )
+    backoff_max: float = field(60.0, doc="longest backoff in seconds (caps Retry-After too)")
+    max_per_host: int = field(16, doc="requests in flight to one host, per process")
+    user_agent: str = field("Mozilla/5.0 (compatible; mgpt4-download/0.1)", doc="User-Agent header")
+    respect_noai: bool = field(True, doc="skip images whose X-Robots-Tag says noai/noimageai/noindex")
 
 
 class HostLimiter:
@@ -109,7 +114,7 @@ class _Response:
 class Fetcher:
     """Fetch URLs; safe to share between threads (each thread keeps its own connections)."""
 
-    def __init__(self, settings: FetchSettings, limiter: HostLimiter | None = None) -> None:
+    def __init__(self, settings: FetchConfig, limiter: HostLimiter | None = None) -> None:
         self.settings = settings
         self.limiter = limiter or HostLimiter(settings.max_per_host)
         self._local = threading.local()

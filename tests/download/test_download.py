@@ -27,11 +27,12 @@ from helpers.loopback_http import (
 )
 from PIL import Image
 
-from mgpt4.data.download import DownloadConfig, FetchConfig, ImageConfig, run_download
-from mgpt4.data.download_report import DownloadProgress
-from mgpt4.data.fetch import Fetcher, FetchError, FetchSettings
-from mgpt4.data.shard_download import ShardJob, download_shard, shard_key
 from mgpt4.data.sources import UrlRow
+from mgpt4.download import DownloadConfig, FetchConfig, ImageConfig, run_download
+from mgpt4.download.fetch import Fetcher, FetchError
+from mgpt4.download.progress import DownloadProgress
+from mgpt4.download.shard_download import ShardJob, download_shard, shard_key
+from mgpt4.download_render import ProgressBar
 from mgpt4.errors import UsageError
 
 SAMPLE_JSON_KEYS = {
@@ -242,7 +243,7 @@ def test_per_host_concurrency_limit(tmp_path: Path, server: LoopbackServer) -> N
 
 
 def test_keep_alive_reuses_connections(server: LoopbackServer) -> None:
-    fetcher = Fetcher(FetchSettings(timeout=2.0))
+    fetcher = Fetcher(FetchConfig(timeout=2.0))
     jpeg = make_jpeg(64, 64)
     urls = [server.add_image(f"{i}.jpg", jpeg) for i in range(10)]
     assert all(fetcher.fetch(u) == jpeg for u in urls)
@@ -257,7 +258,7 @@ def test_https_verifies_certificates(tmp_path: Path) -> None:
     with LoopbackServer(tls=(cert, key)) as server:
         url = server.add_image("a.jpg", jpeg)
         assert url.startswith("https://127.0.0.1:")
-        fetcher = Fetcher(FetchSettings(timeout=2.0))
+        fetcher = Fetcher(FetchConfig(timeout=2.0))
         with pytest.raises(FetchError) as info:
             fetcher.fetch(url)  # a self-signed certificate is not trusted
         assert info.value.kind == "ssl" and not info.value.transient
@@ -306,7 +307,7 @@ def test_interrupted_shard_resumes_without_refetching(
 
     job = ShardJob(0, [UrlRow(u, f"caption {i}") for i, u in enumerate(urls)], shard_size=100)
     cfg = _config(tmp_path, url_list)
-    result = download_shard(job, out, Fetcher(cfg.fetch_settings()), cfg.image_settings(), 3, stop, report)
+    result = download_shard(job, out, Fetcher(cfg.fetch), cfg.image, 3, stop, report)
     assert not result.completed
     assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
     journal = [json.loads(line) for line in (out / "00000_journal.jsonl").read_text().splitlines()]
@@ -401,9 +402,9 @@ def test_shard_keys_follow_img2dataset() -> None:
 
 
 def test_progress_bar_and_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    with DownloadProgress(total=10, show_bar=True) as bar:
-        bar.skip(4)
-        bar.advance(ok=5, failed=1)
+    with ProgressBar() as bar, DownloadProgress(total=10, callback=bar) as progress:
+        progress.skip(4)
+        progress.advance(ok=5, failed=1)
     err = capsys.readouterr().err
     assert "10/10" in err and "img/s" in err and "ok  83.3%" in err
 
@@ -415,7 +416,7 @@ def test_progress_bar_and_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        with DownloadProgress(total=100, show_bar=False, log_every=0.0) as progress:
+        with DownloadProgress(total=100, log_every=0.0) as progress:
             progress.advance(ok=30, failed=10)
     finally:
         logger.removeHandler(handler)

@@ -21,17 +21,34 @@ came from before the next one starts, so at most two full-size bitmaps (three fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mgpt4.data.decode_budget import DecodeBudget
+from mgpt4.config import field
+from mgpt4.download.decode_budget import DecodeBudget
 
 ResizeMode = Literal["border", "center_crop", "keep_ratio", "no"]
-RESIZE_MODES: tuple[str, ...] = ("border", "center_crop", "keep_ratio", "no")
+RESIZE_MODES: tuple[str, ...] = typing.get_args(ResizeMode)
+
+
+@dataclasses.dataclass
+class ImageConfig:
+    """How each downloaded image is stored (the download config's ``image`` section)."""
+
+    size: int = field(224, doc="target size in pixels (the official recipe downloads at 224)")
+    resize_mode: ResizeMode = field(
+        "border", doc="border (fit, pad white), center_crop, keep_ratio (short side = size) or no"
+    )
+    jpeg_quality: int = field(95, doc="JPEG quality of stored images (img2dataset's default 95)")
+    min_size: int = field(0, doc="drop images whose shorter side is below this many pixels")
+    max_pixels: int = field(89_478_485, doc="drop images with more pixels than this (decompression bombs)")
+
 
 # We check the pixel count ourselves from the header, before any decoding; Pillow's own warning
 # (which it emits above 89 M pixels) would only repeat that on stderr from every worker thread.
@@ -76,7 +93,7 @@ class ProcessedImage:
 def process_image(
     data: bytes,
     size: int = 224,
-    mode: str = "border",
+    mode: ResizeMode = "border",
     quality: int = 95,
     min_size: int = 0,
     max_pixels: int = 89_478_485,
@@ -143,7 +160,9 @@ def decode_cost(img: Image.Image, full_pixels: int, scaled: tuple[int, int], siz
     return cost
 
 
-def _render(img: Image.Image, stored: tuple[int, int], size: int, mode: str, quality: int) -> ProcessedImage:
+def _render(
+    img: Image.Image, stored: tuple[int, int], size: int, mode: ResizeMode, quality: int
+) -> ProcessedImage:
     """Decode → upright → RGB → resized → JPEG, closing each bitmap as soon as the next one exists."""
     img.load()
     orientation = _orientation(img)
@@ -196,7 +215,7 @@ def _upright(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (stored[1], stored[0]) if orientation in _ROTATED else stored
 
 
-def _scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
+def _scaled_size(w: int, h: int, size: int, mode: ResizeMode) -> tuple[int, int]:
     """The size the whole image is resized to, before any crop or pad."""
     if mode == "no":
         return w, h
@@ -224,7 +243,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize(img: Image.Image, scaled: tuple[int, int], size: int, mode: str) -> Image.Image:
+def _resize(img: Image.Image, scaled: tuple[int, int], size: int, mode: ResizeMode) -> Image.Image:
     if mode == "no" or img.size == scaled and mode != "center_crop":
         return _pad(img, size) if mode == "border" else img
     # Shrinking: Pillow's bicubic widens its kernel with the scale factor (antialiased, like cv2's

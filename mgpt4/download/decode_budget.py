@@ -3,7 +3,7 @@
 Without it a process's peak memory is chosen by its inputs: 12 threads each decoding an 8000×8000 PNG
 hold 12 full-size bitmaps at once (5.4 GB peak RSS measured; 325 MB with the default 512 MiB budget,
 which lets one such image, 768 MB by its estimate, decode at a time). Each thread reserves an image's
-estimated decode cost (``mgpt4.data.resize.decode_cost``, from the header, before a pixel is decoded)
+estimated decode cost (``mgpt4.download.resize.decode_cost``, from the header, before a pixel is decoded)
 and waits while the reservations in flight would exceed the budget, so the bitmaps alive at once stay
 within it.
 

@@ -14,17 +14,18 @@ import hashlib
 import logging
 import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mgpt4.data.decode_budget import DecodeBudget
-from mgpt4.data.fetch import TRANSIENT_KINDS, Fetcher, FetchError
-from mgpt4.data.resize import ImageError, process_image
-from mgpt4.data.shard_writer import ShardWriter
 from mgpt4.data.sources import UrlRow
+from mgpt4.download.decode_budget import DecodeBudget
+from mgpt4.download.fetch import TRANSIENT_KINDS, Fetcher, FetchError
+from mgpt4.download.resize import ImageConfig, ImageError, process_image
+from mgpt4.download.shard_writer import ShardWriter
 from mgpt4.errors import DataError
 
 log = logging.getLogger("mgpt4.download")
@@ -34,17 +35,6 @@ class StopFlag(Protocol):
     """``threading.Event`` or ``multiprocessing.Event``."""
 
     def is_set(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class ImageSettings:
-    """How fetched bytes become the stored JPEG (see ``mgpt4.data.resize.process_image``)."""
-
-    size: int = 224
-    mode: str = "border"
-    quality: int = 95
-    min_size: int = 0
-    max_pixels: int = 89_478_485
 
 
 @dataclass
@@ -80,16 +70,20 @@ def download_shard(
     job: ShardJob,
     folder: Path,
     fetcher: Fetcher,
-    image: ImageSettings,
+    image: ImageConfig,
     threads: int,
     stop: StopFlag,
     report: Callable[[bool], None],
     budget: DecodeBudget | None = None,
+    checkpoint: Callable[[int, int], None] | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> ShardResult:
     """Fetch every row of ``job`` not already in the folder and complete the shard.
 
     Returns a result with ``completed=False`` (partial files left for the next run) when ``stop`` was set.
     ``budget`` bounds the decoded-image memory of the threads (shared by every shard of the process).
+    ``checkpoint(tar_bytes, journal_bytes)`` is called every ``checkpoint_seconds`` with how much of the
+    partial tar and journal is written and flushed (whole samples and lines), e.g. to upload them.
 
     Raises:
         DataError: the shard's files cannot be written (disk full, permissions).
@@ -119,9 +113,15 @@ def download_shard(
     workers = [threading.Thread(target=state.work, daemon=True) for _ in range(min(threads, len(todo)))]
     for w in workers:
         w.start()
+    last_checkpoint = time.monotonic()
     for w in workers:
         while w.is_alive() and not stop.is_set():
             w.join(timeout=0.2)
+            if checkpoint is not None and time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                with state.lock:
+                    sizes = writer.flushed_sizes()
+                _try_checkpoint(checkpoint, sizes, job.shard_id)
+                last_checkpoint = time.monotonic()
     with state.lock:
         state.closed = True  # threads still in a request drop their row: it is fetched again next run
         if state.error is not None:
@@ -141,6 +141,13 @@ def download_shard(
 
 
 _NO_URL = object()
+
+
+def _try_checkpoint(checkpoint: Callable[[int, int], None], sizes: tuple[int, int], shard_id: int) -> None:
+    try:
+        checkpoint(*sizes)
+    except Exception as exc:  # a failed upload costs at most a refetch after a kill, never the shard
+        log.warning("shard %05d: checkpoint upload failed (%s); continuing", shard_id, exc)
 
 
 def _not_transient(record: dict[str, Any]) -> bool:
@@ -191,7 +198,7 @@ class _ShardState:
 
 
 def process_row(
-    key: str, row: UrlRow, fetcher: Fetcher, image: ImageSettings, budget: DecodeBudget | None = None
+    key: str, row: UrlRow, fetcher: Fetcher, image: ImageConfig, budget: DecodeBudget | None = None
 ) -> tuple[dict[str, Any], bytes | None]:
     """One input row → its record (img2dataset's fields plus ``error_kind``) and the JPEG on success."""
     record: dict[str, Any] = {
@@ -216,7 +223,7 @@ def process_row(
         return _failed(record, "failed_to_download", "internal", f"{type(exc).__name__}: {exc}"), None
     try:
         out = process_image(
-            body, image.size, image.mode, image.quality, image.min_size, image.max_pixels, budget
+            body, image.size, image.resize_mode, image.jpeg_quality, image.min_size, image.max_pixels, budget
         )
     except ImageError as exc:
         return _failed(record, "failed_to_resize", exc.kind, str(exc)), None

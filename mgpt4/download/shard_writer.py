@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 import time
 from collections import Counter
@@ -59,35 +58,12 @@ _SAMPLE_JSON_FIELDS = (
     "sha256",
     "error_message",
 )
-_SHARD_FILE = re.compile(
-    r"^\d{5,}(\.tar|\.tar\.partial|\.tar\.salvage|_journal\.jsonl|\.parquet|_stats\.json)$"
-)
 _MAX_STATUS_MESSAGES = 1000  # distinct error messages kept in stats (img2dataset caps its counter too)
 
 
 def shard_name(shard_id: int) -> str:
     """``00042`` for shard 42 (five digits, as img2dataset names shards)."""
     return f"{shard_id:05d}"
-
-
-def completed_rows(folder: Path, shard_id: int) -> int | None:
-    """The row count of a complete shard, or None if it is not complete.
-
-    A shard is complete when its stats file (written last) and its tar both exist and the stats parse.
-    """
-    stats = folder / f"{shard_name(shard_id)}_stats.json"
-    if not stats.is_file() or not (folder / f"{shard_name(shard_id)}.tar").is_file():
-        return None
-    try:
-        count = json.loads(stats.read_text()).get("count")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return count if isinstance(count, int) else None
-
-
-def has_shard_files(folder: Path) -> bool:
-    """Whether ``folder`` holds any shard file, complete or in progress."""
-    return any(_SHARD_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else False
 
 
 def read_records(folder: Path, shard_id: int) -> list[dict[str, Any]]:
@@ -215,6 +191,14 @@ class ShardWriter:
             info.mtime = mtime
             info.mode = 0o444
             self._tar.addfile(info, io.BytesIO(files[ext]))
+
+    def flushed_sizes(self) -> tuple[int, int]:
+        """Bytes of the partial tar and the journal written so far, flushed to the OS (call under the
+        lock that serialises ``add``: both then end on a whole sample and a whole line)."""
+        assert self._file is not None and self._journal is not None, "open() first"
+        self._file.flush()
+        self._journal.flush()
+        return self._file.tell(), self._journal.tell()
 
     def finalize(self) -> dict[str, Any]:
         """Complete the shard: tar → parquet → stats (the completion marker, last). Returns the stats."""

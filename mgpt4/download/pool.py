@@ -29,27 +29,16 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
-from mgpt4.data.decode_budget import DecodeBudget, release_freed_bitmaps
-from mgpt4.data.download_report import DownloadProgress
-from mgpt4.data.fetch import Fetcher, FetchSettings
-from mgpt4.data.shard_download import ImageSettings, ShardJob, ShardResult, download_shard
+from mgpt4.download.decode_budget import DecodeBudget, release_freed_bitmaps
+from mgpt4.download.fetch import Fetcher
+from mgpt4.download.progress import DownloadProgress
+from mgpt4.download.shard_download import ShardJob, ShardResult
+from mgpt4.download.worker import BatchedReport, WorkerSpec, run_shard
 from mgpt4.errors import DataError
 
 log = logging.getLogger("mgpt4.download")
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker needs: where to write and how to fetch and store."""
-
-    folder: Path
-    fetch: FetchSettings
-    image: ImageSettings
-    threads: int
-    decode_memory: int  # bytes of decoded images per process (mgpt4.data.decode_budget)
 
 
 @dataclasses.dataclass
@@ -102,26 +91,11 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 def _run_job(job: ShardJob) -> ShardResult:
     """In a worker: download one shard, reporting finished rows every ~0.3 s."""
     w = _worker
-    counts = [0, 0]  # ok, failed since the last report
-    last = [time.monotonic()]
-    lock = threading.Lock()
-
-    def report(ok: bool) -> None:
-        with lock:
-            counts[0 if ok else 1] += 1
-            if time.monotonic() - last[0] >= 0.3:
-                w["queue"].put((counts[0], counts[1]))
-                counts[0] = counts[1] = 0
-                last[0] = time.monotonic()
-
-    spec: WorkerSpec = w["spec"]
+    report = BatchedReport(lambda ok, failed: w["queue"].put((ok, failed)))
     try:
-        return download_shard(
-            job, spec.folder, w["fetcher"], spec.image, spec.threads, w["stop"], report, w["budget"]
-        )
+        return run_shard(w["spec"], job, w["fetcher"], w["budget"], w["stop"], report)
     finally:
-        with lock:
-            w["queue"].put((counts[0], counts[1]))
+        report.flush()
 
 
 class ShardPool:

@@ -12,8 +12,8 @@ import pytest
 from helpers.loopback_http import big_picture, make_jpeg, make_png, png_bomb, png_header_only
 from PIL import Image
 
-from mgpt4.data.decode_budget import DecodeBudget
-from mgpt4.data.resize import ImageError, process_image
+from mgpt4.download.decode_budget import DecodeBudget
+from mgpt4.download.resize import ImageError, process_image
 
 
 def _decode(jpeg: bytes) -> Image.Image:
