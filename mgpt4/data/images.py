@@ -1,7 +1,7 @@
 """Opening an image someone handed us: one function, one pixel cap, one error type.
 
 Every image that ``describe``, ``chat``, ``curate``, the aligned-set reader and stage-1/2 training
-decode goes through ``open_image`` (the downloader has its own resize path in ``data/resize.py``, with
+decode goes through ``open_image`` (the downloader has its own resize path in ``download/resize.py``, with
 the same default cap). The pixel count is read from the header and checked *before* a pixel is
 decoded, so a small file that claims 20000×20000 pixels (a decompression bomb) costs nothing; an image
 at the cap is ``MAX_IMAGE_PIXELS`` × 3 bytes ≈ 256 MiB as RGB (a 9400×9400 JPEG peaked at +347 MiB of
@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from mgpt4.errors import DataError
 
 # Pillow's own threshold (Image.MAX_IMAGE_PIXELS = 1024**3 // 4 // 3, about 0.25 GiB of RGB), which is
-# also the downloader's default ``max_pixels`` in ``data/resize.py``. Pillow only *refuses* images
+# also the downloader's default ``max_pixels`` in ``download/resize.py``. Pillow only *refuses* images
 # over twice this and merely warns in between; we refuse everything over it.
 MAX_IMAGE_PIXELS = 89_478_485
 

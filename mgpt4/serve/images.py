@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mgpt4.data.fetch import Fetcher, FetchError, FetchSettings
+from mgpt4.download.fetch import FetchConfig, Fetcher, FetchError
 from mgpt4.serve.config import ServeConfig
 from mgpt4.serve.protocol import bad_request
 
@@ -33,7 +33,7 @@ class ImageLoader:
         self.local_root = Path(cfg.allow_local_images).resolve() if cfg.allow_local_images else None
         self.fetcher = (
             Fetcher(
-                FetchSettings(
+                FetchConfig(
                     timeout=cfg.remote_image_timeout_s,
                     max_bytes=cfg.max_image_bytes,
                     retries=0,
