@@ -6,7 +6,8 @@ text-branch keys, ``pretrained_minigpt4_7b.pth``), then runs, each in a fresh su
 polled (and read back from ``getrusage`` as the kernel's own peak):
 
 - ``mgpt4 describe`` on one image in bf16 on CPU (a few new tokens) from the official files;
-- the same after ``import_model`` into one folder (``-m FOLDER``), when ``--import`` is given;
+- with ``--import``: ``import_model`` into one folder, then load-only timings of the official files vs
+  that folder (twice each, alternating), and with ``--describe-imported`` describe ``-m FOLDER`` too;
 - the reference: plain ``LlamaForCausalLM.from_pretrained(dtype=bf16)`` of the same LLM folder and one
   forward pass (bf16 safetensors are memory-mapped: a weight counts in RSS once it is read).
 
@@ -110,7 +111,8 @@ def main() -> None:
     parser.add_argument("--preset", default="vicuna-7b")
     parser.add_argument("--scratch", default="/tmp/mgpt4-load7b", help="where the ~17 GB of files go")
     parser.add_argument("--keep", action="store_true", help="keep the scratch files (reused next time)")
-    parser.add_argument("--import", dest="do_import", action="store_true", help="also import and compare")
+    parser.add_argument("--import", dest="do_import", action="store_true", help="also import, compare loads")
+    parser.add_argument("--describe-imported", action="store_true", help="with --import: describe it too")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--min-free-gib", type=float, default=18.0)
     parser.add_argument("--json", default="bench/results/load_7b_cpu.json")
@@ -153,7 +155,8 @@ def main() -> None:
         folder = scratch / "imported"
         shutil.rmtree(folder, ignore_errors=True)
         measure(report, "import", [python, "-c", IMPORT, args.preset, *official, str(folder)])
-        measure(report, "describe_imported_folder", describe + ["-m", str(folder)])
+        if args.describe_imported:
+            measure(report, "describe_imported_folder", describe + ["-m", str(folder)])
         # Load only (no forward: bf16 weights stay memory-mapped until used), twice each, alternating.
         for round_ in (1, 2):
             measure(

@@ -230,8 +230,14 @@ def weights_to_save(model: MiniGPT4, cfg: ModelConfig) -> dict[str, torch.Tensor
     """Trainable weights plus every group that was randomly initialised (see module docstring)."""
     sources = weight_sources(cfg)
     groups = [g for g in TRAINABLE_GROUPS if g in model.trainable_groups or g == "proj" or sources[g] is None]
-    modules = {name for group in groups for name in TRAINABLE_GROUPS[group]}
-    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in modules}
+    weights = {}
+    for name in (name for group in groups for name in TRAINABLE_GROUPS[group]):
+        part = getattr(model, name)
+        if isinstance(part, nn.Parameter):
+            weights[name] = part.detach()
+        elif part is not None:  # per part: never the state dict of a frozen (maybe quantized) LLM
+            weights |= {f"{name}.{k}": v for k, v in part.state_dict().items()}
+    return weights
 
 
 def save_model_dir(model: MiniGPT4, cfg: ModelConfig, folder: str | Path, header: str | None = None) -> Path:
