@@ -146,8 +146,7 @@ def build_model(
     if cfg.llm_path:
         llm_folder = inspect_llm_dir(cfg.llm_path, None if preset.from_scratch else preset.llm.hidden_size)
         tokenizer = load_tokenizer(tokenizer_dir or llm_folder.path)
-        llm_config = llm_folder.config
-        llm_config._attn_implementation = cfg.attn_implementation
+        llm_config = llm_folder.config  # sizes the meta skeleton; load_llm sets the attention kernel
     else:
         tokenizer = (
             load_tokenizer(tokenizer_dir) if tokenizer_dir else build_micro_tokenizer(preset.llm.vocab_size)
