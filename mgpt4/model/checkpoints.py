@@ -1,8 +1,10 @@
 """Weight files: the official LAVIS / MiniGPT-4 checkpoints and our own trainable-only safetensors.
 
-One loader per format. Every loader checks that each tensor it expects arrives with the right shape
-and that nothing unknown is left over: a mismatch is a ``CheckpointError`` naming the file and key.
-Loading never executes code: ``.pth`` files go through ``torch.load(weights_only=True)``.
+One checker per format: from headers only (safetensors header, or a ``.pth`` memory-mapped), every
+expected tensor present with the right shape and nothing unknown left over — a mismatch is a
+``CheckpointError`` naming the file and key. ``fill`` then moves each checked tensor into the model,
+cast and on its device, one at a time. Loading never executes code: ``.pth`` files go through
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -214,19 +216,6 @@ def fill(
             owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:
             owner._buffers[name] = value
-
-
-def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path, prefix: str = "") -> None:
-    """Copy ``state`` into ``module``: every key present, none unknown, every shape equal.
-
-    Raises:
-        CheckpointError: names the first offending key, with counts.
-    """
-    expected = shapes_of(module, "x")
-    checked = check_weights(source, state, {f"x.{k}": k for k in state}, expected, "the right file")
-    holder = nn.Module()
-    holder.x = module
-    fill(holder, checked)
 
 
 # --------------------------------------------------------------------------------------------------
