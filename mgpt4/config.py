@@ -19,7 +19,7 @@ import typing
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -122,6 +122,11 @@ class ModelConfig:
     attn_implementation: str = field("sdpa", doc="LLM attention kernel: sdpa, eager or flash_attention_2")
     max_txt_len: int = field(32, doc="max target tokens per sample (official: 32 stage 1, 160 stage 2)")
     dtype: str = field("auto", doc="weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    quantize: Literal["none", "int8", "nf4"] = field(
+        "none",
+        doc="load the frozen LLM quantized by bitsandbytes (int8 = official low_resource, nf4 = 4-bit); "
+        "needs pip install -e '.[quant]'",
+    )
 
 
 @dataclasses.dataclass

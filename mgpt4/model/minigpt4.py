@@ -9,9 +9,10 @@ API: ``encode_images``, ``embed_prompt``, ``forward(batch) -> loss``, ``generate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,25 +62,34 @@ class MiniGPT4(nn.Module):
         llama_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_txt_len: int = 32,
+        part_init: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> None:
+        """``part_init(name)``: a context each top-level part is created in (e.g. without memory when
+        a weight file fills it next, or on the target device and dtype); default: CPU, fp32."""
         super().__init__()
         self.preset = preset
         self.tokenizer = tokenizer
         self.max_txt_len = max_txt_len
-        self.visual_encoder = build_vision_encoder(preset.vision)
-        self.ln_vision = build_ln_vision(preset.vision.width)
+        part = part_init or (lambda name: contextlib.nullcontext())
+        with part("visual_encoder"):
+            self.visual_encoder = build_vision_encoder(preset.vision)
+        with part("ln_vision"):
+            self.ln_vision = build_ln_vision(preset.vision.width)
         if preset.qformer is not None:
-            self.Qformer = build_qformer(preset.qformer, preset.vision.width)
-            # LAVIS blip2.py init_Qformer: query tokens ~ N(0, 0.02).
-            self.query_tokens = nn.Parameter(
-                torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size)
-            )
-            nn.init.normal_(self.query_tokens, std=0.02)
+            with part("Qformer"):
+                self.Qformer = build_qformer(preset.qformer, preset.vision.width)
+            with part("query_tokens"):
+                # LAVIS blip2.py init_Qformer: query tokens ~ N(0, 0.02).
+                self.query_tokens = nn.Parameter(
+                    torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size)
+                )
+                nn.init.normal_(self.query_tokens, std=0.02)
         else:
             self.Qformer = None
             self.register_parameter("query_tokens", None)
         self.llama_model = llama_model
-        self.llama_proj = nn.Linear(preset.llm_input_width, llama_model.config.hidden_size)
+        with part("llama_proj"):
+            self.llama_proj = nn.Linear(preset.llm_input_width, llama_model.config.hidden_size)
         self.trainable_groups: tuple[str, ...] = ()
         self.set_trainable(["proj"])
 

@@ -107,8 +107,15 @@ def _setup_model(cfg: TrainRunConfig) -> MiniGPT4:
     if cfg.init is not None:
         init_dir = resolve_model_dir(cfg.init)
         tokenizer_dir = init_dir / "tokenizer" if (init_dir / "tokenizer").is_dir() else None
-    # Weights stay fp32 here; DeepSpeed casts to bf16/fp16 and keeps fp32 master weights.
-    model = build_model(dataclasses.replace(cfg.model, dtype="fp32"), tokenizer_dir=tokenizer_dir)
+    # Frozen parts load straight into the compute precision on this rank's device; the trainable ones
+    # are fp32, DeepSpeed's master weights (it casts the module to bf16/fp16 and keeps fp32 copies).
+    # With fp32 precision (the CPU default) everything is fp32, exactly as before.
+    model = build_model(
+        dataclasses.replace(cfg.model, dtype=resolve_precision(cfg.train.precision)),
+        device=_rank_device(),
+        tokenizer_dir=tokenizer_dir,
+        trainable_dtype=torch.float32,
+    )
     if cfg.init is not None:
         loaded = load_weights(model, init_dir / TRAINABLE_FILE)
         log.info("initialised %d tensors from %s", len(loaded), init_dir)
@@ -124,9 +131,7 @@ def deepspeed_config(cfg: TrainRunConfig, world_size: int) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"train.zero: {cfg.train.zero} is not valid JSON ({exc})") from exc
     on_cuda = torch.cuda.is_available()
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
+    precision = resolve_precision(cfg.train.precision)
     optim = cfg.optim
     ds = {
         **zero,
@@ -147,9 +152,29 @@ def deepspeed_config(cfg: TrainRunConfig, world_size: int) -> dict[str, Any]:
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0}
-    elif precision != "fp32":
-        raise ConfigError(f"train.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
     return ds
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` → bf16 on CUDA (fp16 without bf16 support), fp32 on CPU.
+
+    Raises:
+        ConfigError: not one of auto, fp32, bf16, fp16.
+    """
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
+    return precision
+
+
+def _rank_device() -> torch.device:
+    """This rank's GPU (the launcher's LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _param_groups(model: MiniGPT4, weight_decay: float) -> list[dict[str, Any]]:
