@@ -31,6 +31,15 @@ class DataConfig:
     shards: list[ShardSet] = field(default_factory=list, doc="stage 1: shard sets mixed by ratio")
     aligned: str | None = field(None, doc="stage 2: a cc_sbu_align-format folder (filter_cap.json + image/)")
     micro_batch_size: int = field(64, doc="samples per process per forward (official 64 stage 1, 12 stage 2)")
+    num_workers: int | None = field(
+        None,
+        doc="stage 1: processes per training process that read shards and decode images (0 = in the training "
+        "process; null = 0 without CUDA, else the official 4, fewer if cores are short); any value gives "
+        "the same batches",
+    )
+    prefetch: int | None = field(
+        None, doc="micro batches decoded ahead of the step (null = 2 with workers or CUDA, else 0)"
+    )
 
 
 @dataclasses.dataclass
@@ -91,6 +100,14 @@ class TrainRunConfig:
         ):
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        for key, value in (
+            ("data.num_workers", self.data.num_workers),
+            ("data.prefetch", self.data.prefetch),
+        ):
+            if value is not None and value < 0:
+                raise ConfigError(
+                    f"{key}: must be 0 or more (or null for this machine's default), got {value}"
+                )
 
     def check_paths(self) -> None:
         """Data and init paths exist and the preset is known (raises ``UsageError`` naming the key)."""

@@ -19,11 +19,12 @@ from mgpt4.train.config import TrainRunConfig
 
 LOCK_FILE = ".lock"
 
-# Settings a resumed run may change: how long it runs and what it writes besides the checkpoints.
+# Settings a resumed run may change: how long it runs, how its data is decoded (workers decode the same
+# batches as the training process) and what it writes besides the checkpoints.
 # Everything else decides what the checkpoint holds or which batches come next.
 RESUME_MAY_CHANGE = frozenset(
     {"out", "train.max_steps", "train.log_every", "train.save_every", "train.keep_last", "train.tensorboard",
-     "train.plot"}
+     "train.plot", "data.num_workers", "data.prefetch"}
 )  # fmt: skip
 
 
