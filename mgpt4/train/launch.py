@@ -23,7 +23,7 @@ from mgpt4.config import save_config
 from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.metrics import read_metrics, truncate_metrics
-from mgpt4.train.resume import apply_plan, plan_resume
+from mgpt4.train.resume import apply_plan, checkpoints_dir, plan_resume
 from mgpt4.train.run_dir import RunLock, check_same_settings, prepare_run_dir
 
 log = logging.getLogger("mgpt4.train")
@@ -72,7 +72,9 @@ class LaunchOptions:
 def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> dict[str, Any]:
     """Validate, lock the run, pick the resume point, train (here or through the launcher); returns a summary.
 
-    A run already at ``train.max_steps`` returns its summary with ``already_finished`` and trains nothing.
+    A run already at ``train.max_steps`` trains nothing and returns its summary with ``already_finished``.
+    With ``eval.task`` the final checkpoint is then evaluated (``mgpt4.train.final_eval``), also when the
+    run had finished before (the eval resumes, or redoes nothing), and the summary holds its metrics.
     """
     cfg.validate()
     cfg.check_paths()
@@ -83,7 +85,8 @@ def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> di
         if plan.folder is not None:
             check_same_settings(cfg, run)
             if plan.step >= cfg.train.max_steps:
-                return _summary(run, cfg, plan.step, launch, already_finished=True)
+                summary = _summary(run, cfg, plan.step, launch, already_finished=True)
+                return _with_final_eval(summary, cfg, run, plan.folder, plan.step)
             processes = launch.gpus * (launch.num_nodes or 1)
             if launch.hostfile is None and processes != plan.world_size:
                 raise UsageError(
@@ -93,27 +96,44 @@ def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> di
         apply_plan(plan)
         truncate_metrics(run, plan.step)  # lines of steps after the checkpoint are trained again
         header = f"mgpt4 {command} --config {run / 'config.yaml'}"
-        config_path = save_config(cfg, run / "config.yaml", header=header)
+        # The judge's API key stays in the environment or the recipe, never in the run directory.
+        saved = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, judge=dataclasses.replace(
+            cfg.eval.judge, key=None)))  # fmt: skip
+        config_path = save_config(saved, run / "config.yaml", header=header)
         if not launch.distributed:
             from mgpt4.train.engine import run_worker
 
-            return run_worker(cfg, plan.folder)
-        # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2) so
-        # that stdout holds only the summary (--json).
-        env = {**os.environ, WATCH_PID_ENV: str(os.getpid())}
-        command_line = launcher_command(launch, config_path, plan.folder)
-        result = subprocess.run(command_line, stdout=2, env=env, check=False)
-        if result.returncode != 0:
-            raise Mgpt4Error(f"training processes exited with code {result.returncode}; see the log above")
-        return _summary(run, cfg, plan.step, launch)
+            summary = run_worker(cfg, plan.folder)
+        else:
+            # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2)
+            # so that stdout holds only the summary (--json).
+            env = {**os.environ, WATCH_PID_ENV: str(os.getpid())}
+            command_line = launcher_command(launch, config_path, plan.folder)
+            result = subprocess.run(command_line, stdout=2, env=env, check=False)
+            if result.returncode != 0:
+                raise Mgpt4Error(
+                    f"training processes exited with code {result.returncode}; see the log above"
+                )
+            summary = _summary(run, cfg, plan.step, launch)
+        final = checkpoints_dir(run) / f"step-{cfg.train.max_steps}"
+        return _with_final_eval(summary, cfg, run, final, cfg.train.max_steps)
+
+
+def _with_final_eval(summary: dict[str, Any], cfg: TrainRunConfig, run: Path, checkpoint: Path,
+                     step: int) -> dict[str, Any]:  # fmt: skip
+    if cfg.eval.task is None:
+        return summary
+    from mgpt4.train.final_eval import run_final_eval
+
+    return {**summary, **run_final_eval(cfg, run, checkpoint, step)}
 
 
 def _summary(run: Path, cfg: TrainRunConfig, resumed_from: int, launch: LaunchOptions,
              already_finished: bool = False) -> dict[str, Any]:  # fmt: skip
-    metrics = read_metrics(run)
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]  # eval lines hold none
     summary = {"run": str(run), "steps": cfg.train.max_steps, "resumed_from": resumed_from,
                "processes": launch.gpus * (launch.num_nodes or 1),
-               "final_loss": metrics[-1]["loss"] if metrics else None}  # fmt: skip
+               "final_loss": losses[-1] if losses else None}  # fmt: skip
     if already_finished:
         summary["already_finished"] = True
     return summary
