@@ -38,6 +38,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import torch
 import torch.utils.data
 from PIL import Image
 
@@ -314,8 +315,7 @@ class ShardMixture(torch.utils.data.IterableDataset):
     def next_sample(self) -> dict[str, Any]:
         """The next sample of the stream: ``{"image": transform(pil), "text": str, "key": str}``."""
         if self._decoder is None:
-            reader = _SampleReader(self.transform, self.text_processor)
-            self._decoder = DecodePool(reader, self.num_workers) if self.num_workers else _DecodeHere(reader)
+            self._decoder = self._start_decoder()
         if self._planned_draws == self.samples_yielded:
             self._plan_draw()
         while self._in_flight < self.prefetch and self._plan_draw():
@@ -325,6 +325,17 @@ class ShardMixture(torch.utils.data.IterableDataset):
         self._need[stream.index] -= 1
         self.samples_yielded += 1
         return {"image": image, "text": text, "key": key}
+
+    def _start_decoder(self) -> _DecodeHere | DecodePool:
+        reader = _SampleReader(self.transform, self.text_processor)
+        if not self.num_workers:
+            return _DecodeHere(reader)
+        # A transform with one output shape (a resize to a fixed size) lets images travel through shared
+        # slots. In flight are up to ``prefetch`` samples plus the few planned past it (the sample being
+        # consumed, a skipped sample's replacement); a task that finds no free slot waits in the pool.
+        probe = self.transform(Image.new("RGB", (16, 16))) if self.transform else None
+        slot_like = probe if isinstance(probe, torch.Tensor) else None
+        return DecodePool(reader, self.num_workers, slot_like, slots=self.prefetch + 2)
 
     # planning ---------------------------------------------------------------------------------------
 

@@ -182,7 +182,10 @@ def make_prefetched_batches(cfg: TrainRunConfig, preset: Preset, rank: int, worl
 
 
 # The official stage-1 config decodes in 4 DataLoader workers per GPU (MG train_configs/
-# minigpt4_stage1_pretrain.yaml, run.num_workers).
+# minigpt4_stage1_pretrain.yaml, run.num_workers). On a CPU-only machine the step's intra-op threads use
+# every core, so workers are opt-in there. On 2 busy cores with 1 thread (bench/results/
+# train_loader_cpu_1thread.json) micro stage 1 ran at 62 samples/s in-process vs 95 with 2 workers, while
+# an earlier run of the same bench (workers sending images through torch's queues) had 160 vs 157.
 OFFICIAL_WORKERS = 4
 
 
@@ -194,7 +197,7 @@ def loader_settings(cfg: TrainRunConfig) -> tuple[int, int]:
     step. ``data.prefetch`` unset: 2 batches with workers or CUDA (a 6-14% slower CPU run with a
     prefetch thread on 2 cores, measured for micro stage 1 over 300 steps), else 0.
     """
-    workers = cfg.data.num_workers
+    workers = cfg.data.num_workers if cfg.stage == 1 else 0  # stage 2 reads its few images in-process
     if workers is None:
         workers = 0
         if torch.cuda.is_available():

@@ -3,14 +3,17 @@ decoding in this process; a dead worker is one DataError; workers stop with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
+from mgpt4.data.decode_pool import DecodePool
 from mgpt4.data.mixture import ShardMixture
 from mgpt4.data.shards import blip_caption
 from mgpt4.errors import DataError
@@ -32,8 +35,9 @@ def damaged_sets(tmp_path):
     return [([str(plain)], 1), ([str(truncated), str(garbage)], 1), ([str(p) for p in mostly_good], 3)]
 
 
-def build(sets, workers: int, prefetch: int = 8, rank: int = 0, world_size: int = 1) -> ShardMixture:
-    return ShardMixture(sets, seed=3, rank=rank, world_size=world_size, transform=to_tensor,
+def build(sets, workers: int, prefetch: int = 8, rank: int = 0, world_size: int = 1,
+          transform=to_tensor) -> ShardMixture:  # fmt: skip
+    return ShardMixture(sets, seed=3, rank=rank, world_size=world_size, transform=transform,
                         text_processor=blip_caption, num_workers=workers, prefetch=prefetch)  # fmt: skip
 
 
@@ -42,16 +46,18 @@ def stream(mixture: ShardMixture, n: int) -> list:
     out = []
     for _ in range(n):
         sample = mixture.next_sample()
-        out.append(
-            (sample["key"], sample["text"], sample["image"].sum().item(), json.dumps(mixture.state_dict()))
-        )
+        pixels = np.ascontiguousarray(np.asarray(sample["image"])).tobytes()  # a tensor or a PIL image
+        out.append((sample["key"], sample["text"], hashlib.sha1(pixels).hexdigest(),
+                    json.dumps(mixture.state_dict())))  # fmt: skip
     return out
 
 
-def test_workers_yield_what_the_training_process_decodes_with_the_same_counts(damaged_sets):
-    here = build(damaged_sets, workers=0)
+# A fixed-shape tensor travels through shared slots, a PIL image through the result queue.
+@pytest.mark.parametrize("transform", [to_tensor, None], ids=["tensor-slots", "pil-queue"])
+def test_workers_yield_what_the_training_process_decodes_with_the_same_counts(damaged_sets, transform):
+    here = build(damaged_sets, workers=0, transform=transform)
     expected = stream(here, 90)  # several epochs of every set, each kind of damage met repeatedly
-    workers = build(damaged_sets, workers=2, prefetch=5)
+    workers = build(damaged_sets, workers=2, prefetch=5, transform=transform)
     try:
         assert stream(workers, 90) == expected
         assert len(workers.worker_pids) == 2
@@ -152,6 +158,43 @@ def test_a_dataloader_worker_is_refused_with_the_way_to_decode_in_workers(damage
     loader = torch.utils.data.DataLoader(build(damaged_sets, workers=0), batch_size=2, num_workers=1)
     with pytest.raises(Exception, match="give the mixture num_workers"):
         next(iter(loader))
+
+
+def _image_and_label(task: int) -> tuple:
+    return torch.full((3, 4, 4), float(task)), f"item {task}", torch.arange(task + 1)  # the last: no slot
+
+
+def test_the_pool_answers_by_ticket_with_fewer_slots_than_tasks():
+    pool = DecodePool(_image_and_label, workers=2, slot_like=torch.zeros(3, 4, 4), slots=2)
+    try:
+        for ticket in range(10):
+            pool.submit(ticket, ticket)  # 2 go out, 8 wait for a free slot
+        for ticket in [*range(9, 4, -1), *range(5)]:  # asked for in another order than submitted
+            image, label, extra = pool.result(ticket)
+            assert torch.equal(image, torch.full((3, 4, 4), float(ticket))) and label == f"item {ticket}"
+            assert torch.equal(extra, torch.arange(ticket + 1)) and not image.is_shared()
+        pool.submit(10, 10)
+        pool.forget()  # a resume: what is still coming is dropped
+        pool.submit(11, 11)
+        assert pool.result(11)[1] == "item 11"
+    finally:
+        pool.close()
+
+
+def test_slots_larger_than_the_free_shared_memory_are_refused_in_one_line(damaged_sets, monkeypatch):
+    real_statvfs = os.statvfs
+
+    def small_shm(path):  # a Docker container's default 64 MiB /dev/shm, 0.5 MiB of it free
+        stats = real_statvfs(path)
+        return os.statvfs_result((4096, 4096, 16384, 128, 128, *tuple(stats)[5:]))
+
+    monkeypatch.setattr(os, "statvfs", small_shm)
+    mixture = build(damaged_sets, workers=2, prefetch=200)  # 202 slots of 3x16x16 floats: 0.6 MiB
+    expected = r"need 0\.6 MiB of shared memory, /dev/shm has 0\.5 MiB free.*--shm-size"
+    with pytest.raises(DataError, match=expected):
+        mixture.next_sample()
+    assert mixture.worker_pids == []  # refused before any worker started
+    mixture.close()
 
 
 def _alive(pid: int) -> bool:

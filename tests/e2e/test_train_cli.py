@@ -311,7 +311,9 @@ def wait_gone(pids: list[int], seconds: float = 15) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("zero", "workers"), [("zero2", 0), ("zero3", 0), ("zero2", 2)])
+# ZeRO-3 last: after an in-process ZeRO-3 run, an in-process ZeRO-2 reference in the same pytest process
+# computed step 8 of this run 1e-7 apart (6.4901614 vs 6.4901624): DeepSpeed leaves ZeRO-3 state behind.
+@pytest.mark.parametrize(("zero", "workers"), [("zero2", 0), ("zero2", 2), ("zero3", 0)])
 def test_resume_after_sigkills_is_exact(zero, workers, data, tmp_path):
     """Killed before its first checkpoint, then after one: every step logged once, losses bitwise equal.
 
