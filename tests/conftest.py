@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,21 @@ from mgpt4.model.build import build_model, save_model_dir
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than 20 s; runs by default and in CI")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_settings(tmp_path_factory):
+    """No default model from the machine running the tests: an empty XDG config dir, no $MGPT4_MODEL
+    (set in os.environ, so that CLI subprocesses inherit it too)."""
+    saved = {name: os.environ.get(name) for name in ("XDG_CONFIG_HOME", "MGPT4_MODEL")}
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg_config"))
+    os.environ.pop("MGPT4_MODEL", None)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
