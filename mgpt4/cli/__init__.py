@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from mgpt4 import __version__
-from mgpt4.cli import curate, demo, download, infer, model, recipes, train
+from mgpt4.cli import curate, demo, download, infer, model, recipes, serve, train, user_config
+from mgpt4.cli import eval as eval_cli
 from mgpt4.cli.console import err_console
 from mgpt4.errors import Mgpt4Error
 
@@ -30,8 +31,11 @@ COMMANDS: dict[str, click.Command] = {
     "curate": curate.curate,  # the aligned set (curate.pipeline.run_curate, run_review)
     "describe": infer.describe,  # captions for images (infer.describe.run_describe)
     "chat": infer.chat,  # a conversation (infer.chat.start_chat + ChatSession)
+    "eval": eval_cli.eval_,  # measure a model (eval.pipeline.run_eval, eval.compare.compare)
+    "serve": serve.serve,  # an OpenAI-compatible endpoint (serve.run_serve)
     "demo": demo.demo,  # the whole lifecycle on the shapes set (demo.run_demo)
-    "model": model.model,  # model info (model.info.model_summary)
+    "model": model.model,  # model info, model import (model.info.model_summary, model.importer.run_import)
+    "config": user_config.config,  # the default model (user_config.set_user_value)
     "recipes": recipes.recipes,  # built-in recipes (config.builtin_recipes)
 }
 

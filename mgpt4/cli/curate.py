@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -32,7 +33,7 @@ def curate() -> None:
 @options_from(
     CurateConfig,
     Flag("model_source", "--model", metavar="RUN_OR_PRESET"), Flag("images", metavar="SHARDS_OR_DIR"),
-    Flag("out", metavar="DIR"), "num", "batch_size", "generate.max_new_tokens", "device",
+    Flag("out", metavar="DIR"), "num", "batch_size", "generate.max_new_tokens", "device", "model.quantize",
     Flag("fixer.backend", "--fixer", metavar="none|rules|openai|hf:PATH"), Flag("fixer.url", "--fixer-url"),
     Flag("fixer.model", "--fixer-model"), Flag("fixer.key", "--fixer-key"),
     Flag("reject", type=EXISTING_FILE),
@@ -44,7 +45,8 @@ def run(
 ) -> None:
     """Describe images with the stage-1 model, Continue short answers, fix, filter, write the aligned set.
 
-    Resumable: run the same command again and finished images are skipped.
+    Resumable: run the same command again and finished images are skipped. Without --model: the
+    default model ($MGPT4_MODEL, else `mgpt4 config set model`).
     Example: mgpt4 curate --model runs/stage1 --images shards/ --num 5000 --out aligned/ --fixer openai
     """
     from mgpt4.config import load_config
@@ -52,6 +54,10 @@ def run(
 
     setup_logging(quiet or as_json)
     cfg = load_config(CurateConfig, config_path, config_overrides(ctx, overrides))
+    if cfg.model_source is None:  # no --model, recipe or model_source=: the default model
+        from mgpt4.user_config import default_model
+
+        cfg = dataclasses.replace(cfg, model_source=default_model())
     with progress_bar("describing", quiet or as_json) as bar:
         summary = run_curate(cfg, bar)
     _show(summary, as_json, quiet)

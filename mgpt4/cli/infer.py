@@ -35,6 +35,7 @@ MODEL_FLAGS = (
     Flag("model.llm_path", "--llm", metavar="DIR"),
     "device",
     "model.dtype",
+    "model.quantize",
 )
 DECODING_FLAGS = (
     "generate.max_new_tokens", "generate.num_beams", "generate.temperature", "generate.top_p",
@@ -49,27 +50,43 @@ def model_option(fn: Callable) -> Callable:
         "-m",
         "model_source",
         metavar="RUN_OR_PRESET",
-        help="run directory, checkpoints/step-N, model folder, or a preset (micro, vicuna-7b, …) "
-        "[sets checkpoint, or model.preset]",
+        help="model folder, run directory, checkpoints/step-N, or a preset (micro, vicuna-7b, …); "
+        "default: $MGPT4_MODEL, else `mgpt4 config set model`  [sets checkpoint, or model.preset]",
     )(fn)
 
 
-def model_overrides(model_source: str | None, needs_model: bool) -> list[str]:
+def model_overrides(model_source: str | None, config_path: str | None, key_values: list[str]) -> list[str]:
     """``--model`` as a ``checkpoint=`` or ``model.preset=`` override (a flag: highest precedence).
 
+    Without ``--model``, a recipe or ``KEY=VALUE`` naming ``checkpoint`` or ``model.preset`` decides;
+    when nothing names a model, the default model (``$MGPT4_MODEL``, else the user config's ``model:``).
+
     Raises:
-        UsageError: no model named and none in a recipe; not a folder or preset.
+        UsageError: not a folder or preset; no model anywhere (says how to set a default).
     """
     if model_source is None:
-        if needs_model:
-            raise UsageError(
-                "--model: give a run directory, checkpoint folder or preset (or a --config recipe)"
-            )
-        return []
+        if _names_a_model(config_path, key_values):
+            return []
+        from mgpt4.user_config import default_model
+
+        model_source = default_model()
     from mgpt4.infer.loading import split_model_source
 
     checkpoint, preset = split_model_source(model_source)
     return [f"checkpoint={json.dumps(checkpoint)}"] if checkpoint else [f"model.preset={preset}"]
+
+
+def _names_a_model(config_path: str | None, key_values: list[str]) -> bool:
+    keys = {item.partition("=")[0].strip() for item in key_values}
+    if keys & {"checkpoint", "model", "model.preset"}:
+        return True
+    if config_path is None:
+        return False
+    from mgpt4.config import read_recipe
+
+    recipe = read_recipe(config_path)
+    model = recipe.get("model")
+    return recipe.get("checkpoint") is not None or (isinstance(model, dict) and "preset" in model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +124,7 @@ def describe(
 
     inputs, key_values = split_args(args)
     overrides = config_overrides(ctx, key_values) + ([f"inputs={json.dumps(inputs)}"] if inputs else [])
-    overrides += model_overrides(model_source, needs_model=config_path is None)
+    overrides += model_overrides(model_source, config_path, key_values)
     cfg = load_config(DescribeConfig, config_path, overrides)
     setup_logging(cfg.quiet)  # logs go to stderr: --json keeps stdout clean either way
     view = DescribeView(cfg, count_images(collect_inputs(cfg.inputs)))
@@ -225,5 +242,5 @@ def chat(
     if len(images) > 1:
         raise UsageError(f"chat takes one image (got {len(images)}); switch images with /image PATH")
     overrides = config_overrides(ctx, key_values) + ([f"image={json.dumps(images[0])}"] if images else [])
-    overrides += model_overrides(model_source, needs_model=config_path is None)
+    overrides += model_overrides(model_source, config_path, key_values)
     run_chat(load_config(ChatConfig, config_path, overrides))

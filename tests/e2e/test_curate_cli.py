@@ -317,7 +317,7 @@ def test_shard_input_uses_keys_in_order(micro_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--images", "x", "--out", "y"], "--model is required"),
+        (["--images", "x", "--out", "y"], "no model given and no default set: pass --model FOLDER"),
         (["--model", "micro", "--images", "/nonexistent", "--out", "{tmp}"], "--images /nonexistent"),
         (["--model", "micro", "--images", "x", "--out", "y", "--fixer", "gpt"], "fixer.backend"),
         (["--model", "micro", "--images", "x", "--out", "y", "filters.skip=[dupes]"], "filters.skip"),
