@@ -60,6 +60,7 @@ class Server:
         return self.proc.returncode, out.decode(), self.stderr + err.decode()
 
 
+@pytest.mark.slow  # a real server process (the in-process API tests are in tests/serve): 8-12 s
 def test_openai_client_plain_streamed_and_images(micro_model_dir, tmp_path):
     local = tmp_path / "images"
     local.mkdir()
