@@ -6,6 +6,7 @@ The chat loop itself (a terminal or piped stdin) is ``mgpt4.cli.chat``.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from mgpt4.cli.console import console, err_console, setup_logging, warn
 from mgpt4.cli.options import Flag, config_option, config_overrides, options_from, split_args
 from mgpt4.errors import DataError, UsageError
 from mgpt4.infer.config import ChatConfig, DescribeConfig
+
+log = logging.getLogger("mgpt4.infer")
 
 # The model options of describe and chat (and eval, serve): -m picks a saved folder or a preset; with a
 # preset, the official files.
@@ -175,9 +178,7 @@ class DescribeView:
         if bar is not None:
             bar.advance(self._task)
         elif done % self.cfg.batch_size == 0 or done == total:
-            import logging
-
-            logging.getLogger("mgpt4.infer").info("described %d/%s", done, total or "?")
+            log.info("described %d/%s", done, total or "?")  # plain progress when not on a TTY
         if result.error:
             message = f"skipped {result.image}: {result.error}"
             if bar is not None and bar.console is err_console:

@@ -42,6 +42,7 @@ def info(preset: str, trainable: str, as_json: bool) -> None:
     Flag("proj", metavar="PTH"),
     Flag("llm", metavar="DIR"),
     Flag("out", "-o", metavar="DIR"),
+    target="import",  # flags only: `model import` takes no KEY=VALUE
 )
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout")
 @click.pass_context
@@ -61,7 +62,7 @@ def import_(ctx: click.Context, as_json: bool) -> None:
     from mgpt4.model.importer import run_import
 
     setup_logging(as_json)
-    cfg = load_config(ImportConfig, None, config_overrides(ctx, []))
+    cfg = load_config(ImportConfig, None, config_overrides(ctx, [], target="import"))
     result = run_import(cfg, progress=None if as_json else lambda note: warn(f"writing {note}"))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))

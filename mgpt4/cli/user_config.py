@@ -18,7 +18,7 @@ def config() -> None:
 @click.argument("key", metavar="KEY")
 @click.argument("value", metavar="VALUE")
 def set_(key: str, value: str) -> None:
-    """Set KEY (model) to VALUE: e.g. `mgpt4 config set model models/minigpt4-7b`."""
+    """Set one setting; `mgpt4 config set model FOLDER` makes FOLDER the default model."""
     from mgpt4.user_config import MODEL_ENV, set_user_value
 
     file, stored = set_user_value(key, value)

@@ -18,7 +18,7 @@ class ImportConfig:
     vision: str | None = field(None, doc="LAVIS eva_vit_g.pth (EVA ViT-g/14)")
     qformer: str | None = field(
         None,
-        doc="BLIP-2 blip2_pretrained_flant5xxl.pth (Q-Former, query tokens, ln_vision); none: llama2",
+        doc="BLIP-2 blip2_pretrained_flant5xxl.pth (Q-Former etc.); llama2-7b has none",
     )
     proj: str | None = field(None, doc="MiniGPT-4 pretrained_minigpt4*.pth (llama_proj)")
     llm: str | None = field(None, doc="local HF folder of Vicuna v0 / Llama-2-7b-chat")
