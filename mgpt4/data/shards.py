@@ -40,12 +40,13 @@ import torch.utils.data
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from mgpt4.data.images import ImageReadError, open_image
+from mgpt4.data.images import IMAGE_SUFFIXES, ImageReadError, open_image
 from mgpt4.errors import DataError, UsageError
 
 log = logging.getLogger("mgpt4.data")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Member extensions that hold the image, in order of preference: the one suffix list of data.images.
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
 _STATE_VERSION = 1
 _LOUD_SKIPS = 10  # per reason, warn about the first few skips, then log them at debug level
 
@@ -228,29 +229,6 @@ def _caption(key: str, json_bytes: bytes | None, txt_bytes: bytes | None) -> str
     raise _Skip("missing_caption", f"{key}: no caption in .json or .txt")
 
 
-def iter_samples(
-    shards: Sequence[str], skipped: collections.Counter | None = None
-) -> Iterator[dict[str, Any]]:
-    """One pass over shards in file order: ``{"key", "image" (PIL RGB), "text" (raw caption), "shard"}``.
-
-    For describe/curate over a shard set. Bad samples are skipped and counted into ``skipped``.
-    """
-    counter = skipped if skipped is not None else collections.Counter()
-    logger = _SkipLogger(counter)
-    for path in shards:
-        shard = _Shard(path, logger)
-        try:
-            for index in range(len(shard.samples)):
-                try:
-                    key, image, text = shard.read(index, lambda caption: caption)
-                except _Skip as skip:
-                    logger(skip, path)
-                    continue
-                yield {"key": key, "image": image, "text": text, "shard": path}
-        finally:
-            shard.close()
-
-
 @dataclasses.dataclass
 class ShardImage:
     """One image sample of a shard set as encoded bytes, or why it (or its whole shard) cannot be read."""
@@ -262,9 +240,10 @@ class ShardImage:
 
 
 def iter_shard_images(shards: Sequence[str]) -> Iterator[ShardImage]:
-    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (describe, curate).
+    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (the image
+    source of describe, curate and eval: ``data.images.shard_sources``).
 
-    Unlike ``iter_samples`` nothing is skipped silently and no caption is needed: a sample without an
+    Unlike the training mixture nothing is skipped and no caption is needed: a sample without an
     image member or whose member cannot be read is a failure for that key; a shard that cannot be
     opened, or is cut off, yields one failure after the samples read before the damage, and the next
     shard is read as usual.

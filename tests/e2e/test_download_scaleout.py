@@ -150,6 +150,7 @@ def test_ray_worker_killed_mid_shard_every_row_once(tmp_path: Path, server: Loop
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two node processes, one killed and rerun: 4-7 s on 2 busy cores
 def test_two_nodes_one_killed_and_rerun_then_report_merges(tmp_path: Path, server: LoopbackServer) -> None:
     n, size = 40, 10
     urls = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i), delay=0.05) for i in range(n)]
