@@ -1,7 +1,7 @@
 """Typed dataclass configs: YAML recipe → dotted overrides → coercion → validation → saved YAML.
 
 Every command has one top-level dataclass (nested by concern). Each field carries a one-line ``doc``
-in its metadata; ``describe_fields`` turns those into ``--help`` text and recipe comments.
+in its metadata; ``mgpt4.cli.options`` turns fields into flags whose help is that doc and the default.
 
     cfg = load_config(TrainRunConfig, "recipes/micro_stage1.yaml", ["train.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -119,9 +119,13 @@ class ModelConfig:
         default_factory=lambda: ["proj"], doc="modules that train: any of proj, qformer, vision, llm"
     )
     grad_checkpointing: bool = field(True, doc="recompute frozen ViT and LLM activations in backward")
-    attn_implementation: str = field("sdpa", doc="LLM attention kernel: sdpa, eager or flash_attention_2")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        "sdpa", doc="LLM attention kernel: sdpa, eager or flash_attention_2"
+    )
     max_txt_len: int = field(32, doc="max target tokens per sample (official: 32 stage 1, 160 stage 2)")
-    dtype: str = field("auto", doc="weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", doc="weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"
+    )
     quantize: Literal["none", "int8", "nf4"] = field(
         "none",
         doc="load the frozen LLM quantized by bitsandbytes (int8 = official low_resource, nf4 = 4-bit); "
@@ -331,7 +335,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Saving and describing
+# Saving
 # --------------------------------------------------------------------------------------------------
 
 
@@ -351,15 +355,3 @@ def save_config(cfg: Any, path: str | os.PathLike, header: str | None = None) ->
     tmp.write_text(text)
     tmp.replace(path)
     return path
-
-
-def describe_fields(cls: type, prefix: str = "") -> Iterable[tuple[str, str, Any]]:
-    """Yield (dotted key, doc, default) for every leaf field of a config class."""
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield from describe_fields(hint, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f.metadata.get("doc", ""), getattr(defaults, f.name)

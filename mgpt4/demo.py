@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mgpt4.config import GenerateConfig, ModelConfig, field, load_config, save_config
+from mgpt4.config import GenerateConfig, field, load_config, save_config
 from mgpt4.data import synthetic
 from mgpt4.data.synthetic import ATTRIBUTES
 from mgpt4.errors import UsageError
@@ -72,10 +72,27 @@ class StageResult:
     detail: str
 
 
-def run_demo(
-    cfg: DemoConfig, on_stage: Callable[[str, str], None] = lambda name, what: None
-) -> dict[str, Any]:
-    """Run all five stages into ``cfg.out``; returns the summary (also saved as ``score.json``)."""
+@dataclasses.dataclass
+class DemoSummary:
+    """Every stage's time and result, and the score on the test images (saved as ``score.json``)."""
+
+    out: str
+    quick: bool
+    stages: list[StageResult]
+    total_seconds: float
+    example_image: str
+    score: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Called with (stage name, what it does) as each stage starts.
+StageProgress = Callable[[str, str], None]
+
+
+def run_demo(cfg: DemoConfig, progress: StageProgress | None = None) -> DemoSummary:
+    """Run all five stages into ``cfg.out`` through the commands' own ``run_*`` functions."""
     cfg = cfg.scaled()
     out = _prepare_output(Path(cfg.out))
     save_config(cfg, out / MARKER, header="mgpt4 demo")
@@ -88,7 +105,8 @@ def run_demo(
     test_samples = samples["test"][cfg.curate_images :]
 
     def stage(name: str, what: str, work: Callable[[], str]) -> None:
-        on_stage(name, what)
+        if progress is not None:
+            progress(name, what)
         started = time.monotonic()
         detail = work()
         stages.append(StageResult(name, time.monotonic() - started, detail))
@@ -101,8 +119,9 @@ def run_demo(
     stage(
         "pretrain",
         f"stage 1, {cfg.stage1_steps} steps, micro preset from scratch",
-        lambda: _train(out, "pretrain", cfg.stage1_steps,
-                       [] if cfg.stage1_lr is None else [f"optim.lr={cfg.stage1_lr}"]),  # fmt: skip
+        lambda: _train(
+            out, "pretrain", cfg.stage1_steps, [] if cfg.stage1_lr is None else [f"optim.lr={cfg.stage1_lr}"]
+        ),  # fmt: skip
     )
     stage(
         "curate",
@@ -117,15 +136,15 @@ def run_demo(
     scores: dict[str, Any] = {}
     stage("describe", f"{cfg.test_images} test images, greedy, scored per attribute",
           lambda: _describe_and_score(out, test_samples, scores))  # fmt: skip
-    summary = {
-        "out": str(out),
-        "quick": cfg.quick,
-        "stages": [dataclasses.asdict(s) for s in stages],
-        "total_seconds": sum(s.seconds for s in stages),
-        "example_image": str(out / "data" / "test" / f"{test_samples[0].key}.jpg"),
-        "score": scores,
-    }
-    (out / "score.json").write_text(json.dumps(summary, indent=2))
+    summary = DemoSummary(
+        out=str(out),
+        quick=cfg.quick,
+        stages=stages,
+        total_seconds=sum(s.seconds for s in stages),
+        example_image=str(out / "data" / "test" / f"{test_samples[0].key}.jpg"),
+        score=scores,
+    )
+    (out / "score.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary
 
 
@@ -177,13 +196,13 @@ def _download(out: Path, samples: list[synthetic.ShapeSample]) -> str:
             "image.size=64", "image.resize_mode=no",
         ])  # fmt: skip
         summary = run_download(cfg)
-    run = summary["run"]
+    run = summary.run
     return f"{run['successes']}/{run['rows']} images, {run['images_per_s']:.0f} images/s"
 
 
 def _train(out: Path, command: str, steps: int, extra: list[str]) -> str:
     from mgpt4.train.config import TrainRunConfig
-    from mgpt4.train.launch import LaunchOptions, run_training
+    from mgpt4.train.launch import run_training
 
     if command == "pretrain":
         overrides = [f"data.shards=[{{path: {out / 'shards'}}}]", f"out={out / 'stage1'}", "stage=1"]
@@ -198,8 +217,8 @@ def _train(out: Path, command: str, steps: int, extra: list[str]) -> str:
         recipe = "micro_stage2"
     overrides += [*extra, f"train.max_steps={steps}", "train.log_every=25"]
     cfg = load_config(TrainRunConfig, recipe, overrides)
-    summary = run_training(cfg, LaunchOptions(), command)
-    return f"final loss {summary['final_loss']:.3f}"
+    summary = run_training(cfg)
+    return f"final loss {summary.final_loss:.3f}"
 
 
 def _curate(out: Path, samples: list[synthetic.ShapeSample]) -> str:
@@ -218,19 +237,17 @@ def _curate(out: Path, samples: list[synthetic.ShapeSample]) -> str:
         "filters.skip=[duplicate, too_short]",
     ])  # fmt: skip
     summary = run_curate(cfg)
-    return f"{summary['accepted']} of {summary['images']} accepted"
+    return f"{summary.accepted} of {summary.images} accepted"
 
 
 def _describe_and_score(out: Path, samples: list[synthetic.ShapeSample], scores: dict[str, Any]) -> str:
-    from mgpt4.infer.describe import DescribeConfig, describe_images
-    from mgpt4.infer.loading import load_model
+    from mgpt4.infer.describe import DescribeConfig, run_describe
 
     images = out / "data" / "test"
     synthetic.write_image_folder(samples, images)
-    model = load_model(ModelConfig(), checkpoint=str(out / "stage2"), device="cpu")
-    cfg = DescribeConfig(inputs=[str(images)], batch_size=25,
+    cfg = DescribeConfig(inputs=[str(images)], checkpoint=str(out / "stage2"), device="cpu", batch_size=25,
                          generate=GenerateConfig(max_new_tokens=48, repetition_penalty=1.0))  # fmt: skip
-    by_image = {Path(r.image).stem: r.text for r in describe_images(model, cfg)}
+    by_image = {Path(r.image).stem: r.text for r in run_describe(cfg).results}
     predictions = [by_image.get(s.key, "") for s in samples]
     scores.update(synthetic.score(predictions, samples))
     lines = [

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mgpt4.errors import DataError
+from mgpt4.jsonl_journal import read_records, rewrite_records
 
 log = logging.getLogger("mgpt4.curate")
 
@@ -36,30 +37,7 @@ def read_journal(out: Path) -> list[dict[str, Any]]:
     Raises:
         DataError: a line in the middle of the file is not JSON.
     """
-    path = out / JOURNAL
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        # Killed mid-write: drop the partial record so the next append starts on a fresh line.
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an incomplete last record (%d bytes)", path, len(data) - cut)
-        with open(path, "r+b") as handle:
-            handle.truncate(cut)
-        data = data[:cut]
-    records = []
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)  # bytes: json detects UTF-8 and reports bad bytes as a ValueError
-        except ValueError as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise DataError(f"{path}:{number}: not a JSON record ({reason}); fix or delete the line") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("image_id"), str):
-            raise DataError(f"{path}:{number}: not a curate record (no image_id); fix or delete the line")
-        records.append(record)
-    return records
+    return read_records(out / JOURNAL, "image_id", "a curate record")
 
 
 def append_records(out: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -73,14 +51,7 @@ def append_records(out: Path, records: Iterable[dict[str, Any]]) -> None:
 
 def rewrite_journal(out: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace the journal atomically (temp file + rename), e.g. after a review or a re-fix."""
-    path = out / JOURNAL
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    rewrite_records(out / JOURNAL, records)
 
 
 def latest_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

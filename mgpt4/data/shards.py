@@ -6,7 +6,7 @@ comes from the json's ``caption`` field like the official loader, else from ``KE
 - ``find_shards``: a folder, glob or brace pattern → tar paths (complete shards only).
 - ``ShardFile`` indexes a tar's headers so any sample can be read by number; ``read_sample`` decodes
   one (a bad one raises ``SampleSkip``, whose ``reason`` names the skip counter).
-- ``iter_samples`` / ``iter_shard_images``: one pass in file order (describe, curate, eval).
+- ``iter_shard_images``: one pass in file order, undecoded (the image source of describe, curate, eval).
 
 Stage 1's endless, resumable mixture of shard sets is ``mgpt4.data.mixture.ShardMixture``.
 """
@@ -22,18 +22,18 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from mgpt4.data.images import ImageReadError, open_image
+from mgpt4.data.images import IMAGE_SUFFIXES, ImageReadError, open_image
 from mgpt4.errors import UsageError
 
 log = logging.getLogger("mgpt4.data")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Member extensions that hold the image, in order of preference: the one suffix list of data.images.
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
 _LOUD_SKIPS = 10  # per reason, warn about the first few skips, then log them at debug level
 
 
@@ -236,29 +236,6 @@ def _caption(key: str, json_bytes: bytes | None, txt_bytes: bytes | None) -> str
     raise SampleSkip("missing_caption", f"{key}: no caption in .json or .txt")
 
 
-def iter_samples(
-    shards: Sequence[str], skipped: collections.Counter | None = None
-) -> Iterator[dict[str, Any]]:
-    """One pass over shards in file order: ``{"key", "image" (PIL RGB), "text" (raw caption), "shard"}``.
-
-    For describe/curate over a shard set. Bad samples are skipped and counted into ``skipped``.
-    """
-    counter = skipped if skipped is not None else collections.Counter()
-    logger = SkipCounter(counter)
-    for path in shards:
-        shard = ShardFile(path, logger)
-        try:
-            for index in range(len(shard.samples)):
-                try:
-                    key, image, text = shard.read(index, lambda caption: caption)
-                except SampleSkip as skip:
-                    logger(skip, path)
-                    continue
-                yield {"key": key, "image": image, "text": text, "shard": path}
-        finally:
-            shard.close()
-
-
 @dataclasses.dataclass
 class ShardImage:
     """One image sample of a shard set as encoded bytes, or why it (or its whole shard) cannot be read."""
@@ -270,9 +247,10 @@ class ShardImage:
 
 
 def iter_shard_images(shards: Sequence[str]) -> Iterator[ShardImage]:
-    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (describe, curate).
+    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (the image
+    source of describe, curate and eval: ``data.images.shard_sources``).
 
-    Unlike ``iter_samples`` nothing is skipped silently and no caption is needed: a sample without an
+    Unlike the training mixture nothing is skipped and no caption is needed: a sample without an
     image member or whose member cannot be read is a failure for that key; a shard that cannot be
     opened, or is cut off, yields one failure after the samples read before the damage, and the next
     shard is read as usual.

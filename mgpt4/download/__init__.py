@@ -10,7 +10,7 @@ progress (counts for a callback) · report (a folder's totals, ``merge_report``)
 summary) · config (every setting).
 
 The names below load on first use, so that importing one submodule (the CLI reads
-``resize.RESIZE_MODES`` for its ``--resize-mode`` choices) does not import them all.
+``config.DownloadConfig`` to build its options) does not import them all.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _EXPORTS = {
     "ImageConfig": "mgpt4.download.resize",
     "ProgressCallback": "mgpt4.download.progress",
     "ResizeMode": "mgpt4.download.resize",
+    "DownloadSummary": "mgpt4.download.report",
     "merge_report": "mgpt4.download.report",
     "run_download": "mgpt4.download.run",
 }

@@ -18,7 +18,9 @@ class DownloadConfig:
     inputs: list[str] = field(
         default_factory=list, doc="URL list files (json/jsonl/csv/tsv/parquet/txt, .gz ok)"
     )
-    output: str = field("shards", doc="output folder for NNNNN.tar / _stats.json / .parquet")
+    output: str = field(
+        "shards", doc="output folder or fsspec URL (s3://…) for NNNNN.tar / _stats.json / .parquet"
+    )
     url_col: str | None = field(None, doc="URL column (default: the preset's, else url/URL)")
     caption_col: str | None = field(
         None, doc="caption column (default: the preset's, else caption/TEXT/text)"

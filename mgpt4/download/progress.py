@@ -2,7 +2,7 @@
 
 The library only counts. A caller that wants a progress bar passes ``progress=`` to ``run_download``
 and gets a ``DownloadStatus`` after every update (the CLI draws a rich bar from it on a terminal,
-``mgpt4.download_render``); without a callback one plain log line is written every ``log_every``
+``mgpt4.cli.download``); without a callback one plain log line is written every ``log_every``
 seconds (CI, a log file, ``nohup``).
 """
 

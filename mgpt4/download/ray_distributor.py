@@ -65,13 +65,19 @@ class RayCluster:
             return self
         options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if self.address is None:
+            # "local" starts a fresh cluster even where `ray start` left one running on this machine:
+            # with address=None Ray would join that one, which refuses num_cpus.
             options["num_cpus"] = self.processes or None
         else:
             _check_reachable(self.address)
         try:
-            ray.init(address=self.address, **options)
+            ray.init(address=self.address or "local", **options)
         except ConnectionError as exc:
-            raise DataError(f"cannot reach the Ray cluster at {self.address} ({exc})") from exc
+            raise DataError(
+                f"cannot reach the Ray cluster at {self.address} ({exc}); if it uses token authentication "
+                "(Ray >= 2.59 turns it on for `ray start` clusters), pass --ray-address auto on a node of "
+                "the cluster, or set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN off the head node)"
+            ) from exc
         self._started = True
         return self
 

@@ -8,6 +8,7 @@ which shards are still incomplete or not started.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -23,6 +24,28 @@ SHARD_FILE = re.compile(
 )
 _STATS_FILE = re.compile(r"^(\d{5,})_stats\.json$")
 _UNFINISHED_FILE = re.compile(r"^(\d{5,})(\.tar\.partial|\.tar\.salvage|_journal\.jsonl)$")
+
+
+@dataclasses.dataclass
+class DownloadSummary:
+    """What ``run_download`` did, or (``scope="folder"``) what a whole output folder holds.
+
+    ``run``: rows, successes, failed_to_download, failed_to_resize, success_rate, seconds, images_per_s,
+    error_kinds (count per reason) and examples (one message per reason); ``shards``: written, skipped,
+    incomplete (and for a folder, missing: not started); ``dataset``: the folder's complete shards, rows
+    and successes.
+    """
+
+    output: str
+    run: dict[str, Any]
+    shards: dict[str, Any]
+    dataset: dict[str, Any]
+    scope: str | None = None  # "folder" for ``merge_report``
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` summary."""
+        head = {"output": self.output} | ({"scope": self.scope} if self.scope else {})
+        return head | {"run": self.run, "shards": self.shards, "dataset": self.dataset}
 
 
 def read_stats(
@@ -47,7 +70,7 @@ def read_stats(
     return out
 
 
-def merge_report(output: str) -> dict[str, Any]:
+def merge_report(output: str) -> DownloadSummary:
     """The summary of a whole output folder, from every complete shard's statistics.
 
     Same keys as ``run_download``'s summary, with ``scope: folder``; ``run.seconds`` spans the first
@@ -74,10 +97,10 @@ def merge_report(output: str) -> dict[str, Any]:
     seconds = max(ends) - min(starts) if starts and ends else 0.0
     incomplete = {int(m[1]) for n in names if (m := _UNFINISHED_FILE.match(n))} - set(stats)
     rows = totals["count"]
-    return {
-        "output": folder.location,
-        "scope": "folder",
-        "run": {
+    return DownloadSummary(
+        output=folder.location,
+        scope="folder",
+        run={
             "rows": rows,
             "successes": totals["successes"],
             "failed_to_download": totals["failed_to_download"],
@@ -88,14 +111,14 @@ def merge_report(output: str) -> dict[str, Any]:
             "error_kinds": dict(kinds.most_common()),
             "examples": _examples(folder, stats, set(kinds)),
         },
-        "shards": {
+        shards={
             "written": len(stats),
             "skipped": 0,
             "incomplete": len(incomplete),
             "missing": _not_started(folder, names, len(stats) + len(incomplete)),
         },
-        "dataset": {"shards": len(stats), "rows": rows, "successes": totals["successes"]},
-    }
+        dataset={"shards": len(stats), "rows": rows, "successes": totals["successes"]},
+    )
 
 
 def _examples(folder: LocalFolder | RemoteFolder, stats: dict[int, dict[str, Any]], kinds: set[str]) -> dict:

@@ -37,7 +37,7 @@ from mgpt4.download.config import IDENTITY_KEYS, DownloadConfig
 from mgpt4.download.fetch import TRANSIENT_KINDS
 from mgpt4.download.pool import ShardPool, Skipped, execute, sigterm_as_interrupt
 from mgpt4.download.progress import DownloadProgress, ProgressCallback
-from mgpt4.download.report import SHARD_FILE, read_stats
+from mgpt4.download.report import SHARD_FILE, DownloadSummary, read_stats
 from mgpt4.download.shard_download import ShardJob, ShardResult
 from mgpt4.download.shard_writer import shard_name
 from mgpt4.download.storage import LocalFolder, RemoteFolder, open_output
@@ -50,8 +50,8 @@ CONFIG_FILE = "download_config.yaml"
 Folder = LocalFolder | RemoteFolder
 
 
-def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Download every row of ``cfg.inputs`` into shards under ``cfg.output``; returns a summary dict.
+def run_download(cfg: DownloadConfig, progress: ProgressCallback | None = None) -> DownloadSummary:
+    """Download every row of ``cfg.inputs`` into shards under ``cfg.output``; returns a ``DownloadSummary``.
 
     ``progress`` gets a ``DownloadStatus`` after each update; without it a line is logged every 10 s.
 
@@ -92,7 +92,7 @@ def _download(
     folder: Folder,
     cluster: Any,
     progress: ProgressCallback | None,
-) -> dict[str, Any]:
+) -> DownloadSummary:
     """The run itself, with the distributor joined and the folder held."""
     _check_same_settings(folder, cfg)
     _save_config(folder, cfg)
@@ -214,7 +214,7 @@ def _has_transient_failures(folder: Folder, shard_id: int) -> bool:
 
 def _summary(
     cfg: DownloadConfig, folder: Folder, results: list[ShardResult], shards: Counter, seconds: float
-) -> dict[str, Any]:
+) -> DownloadSummary:
     statuses: Counter = Counter()
     kinds: Counter = Counter()
     examples: dict[str, str] = {}
@@ -229,9 +229,9 @@ def _summary(
         dataset["shards"] += 1
         dataset["rows"] += int(stats.get("count", 0))
         dataset["successes"] += int(stats.get("successes", 0))
-    return {
-        "output": folder.location,
-        "run": {
+    return DownloadSummary(
+        output=folder.location,
+        run={
             "rows": rows,
             "successes": statuses["success"],
             "failed_to_download": statuses["failed_to_download"],
@@ -242,10 +242,6 @@ def _summary(
             "error_kinds": dict(kinds.most_common()),
             "examples": examples,
         },
-        "shards": {
-            "written": shards["written"],
-            "skipped": shards["skipped"],
-            "incomplete": shards["incomplete"],
-        },
-        "dataset": dataset,
-    }
+        shards={key: shards[key] for key in ("written", "skipped", "incomplete")},
+        dataset=dataset,
+    )

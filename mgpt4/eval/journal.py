@@ -1,7 +1,7 @@
 """``answers.jsonl``: appended per batch while a run answers, read back on resume, rewritten when scored.
 
-Curate's journal works the same way (``curate/records.py``); this one is keyed by ``id`` and fsyncs
-less often (see ``AnswerJournal``).
+Reading and rewriting are ``mgpt4.jsonl_journal``'s, as for curate's journal; records are keyed by ``id``,
+and appends fsync less often than curate's (see ``AnswerJournal``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mgpt4.errors import DataError
+from mgpt4.jsonl_journal import read_records, rewrite_records
 
 log = logging.getLogger("mgpt4.eval")
 
@@ -60,34 +60,9 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     Raises:
         DataError: a line in the middle is not a JSON record with an ``id``.
     """
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an incomplete last record (%d bytes)", path, len(data) - cut)
-        with open(path, "r+b") as handle:
-            handle.truncate(cut)
-        data = data[:cut]
-    records = []
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{path}:{number}: not a JSON record; fix or delete the line") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise DataError(f"{path}:{number}: not an eval answer (no id); fix or delete the line")
-        records.append(record)
-    return records
+    return read_records(path, "id", "an eval answer")
 
 
 def rewrite_answers(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace ``answers.jsonl`` atomically (temporary file, fsync, rename)."""
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
+    rewrite_records(path, records)

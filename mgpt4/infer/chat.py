@@ -2,7 +2,8 @@
 
 ``ChatSession`` is pure (no terminal): it keeps the turns, builds the official chat prompt
 (``conversation.chat_prompt``), trims the oldest turns to fit the context, and runs the commands.
-The terminal loop (``mgpt4.infer.repl``) only reads lines and shows what this returns.
+The terminal loop (``mgpt4.cli.chat``) only reads lines and shows what this returns; ``start_chat``
+sets a session up from a ``ChatConfig`` (model, transcript, first image).
 
     session = ChatSession(model, ChatConfig().generate)
     session.show_image("cat.jpg")
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 
-from mgpt4.config import GenerateConfig, ModelConfig, field, from_dict, parse_yaml, to_dict
+from mgpt4.config import GenerateConfig, from_dict, parse_yaml, to_dict
 from mgpt4.conversation import ChatTurn, chat_prompt, clean_answer, split_at_images
-from mgpt4.data.images import open_image
+from mgpt4.data.images import IMAGE_SUFFIXES, open_image
 from mgpt4.errors import ConfigError, DataError, UsageError
-from mgpt4.infer.describe import IMAGE_SUFFIXES
+from mgpt4.infer.config import ChatConfig, ChatGenerateConfig
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import image_transform
 from mgpt4.output_paths import check_writable
@@ -56,27 +57,31 @@ HELP = """\
 
 
 @dataclasses.dataclass
-class ChatGenerateConfig(GenerateConfig):
-    """Chat decoding: the official demo samples (MG ``answer_prepare`` hard-codes ``do_sample=True``;
-    top_p 0.9, temperature 1.0, repetition_penalty 1.05 are the shared defaults)."""
+class ChatStart:
+    """A session ready for its first line, and what went wrong setting it up (never fatal)."""
 
-    do_sample: bool = field(True, doc="sample like the official demo; false = greedy")
+    session: ChatSession
+    warnings: list[str]  # images of a loaded transcript that could not be re-read
+    image_error: str | None  # the first image could not be shown; the session goes on without it
 
 
-@dataclasses.dataclass
-class ChatConfig:
-    """``mgpt4 chat``: the model, the first image, decoding, and an optional transcript to resume."""
+def start_chat(cfg: ChatConfig, model: MiniGPT4 | None = None) -> ChatStart:
+    """Load the model (unless given), resume ``cfg.load`` and show ``cfg.image``.
 
-    image: str | None = field(None, doc="image to talk about first (`/image PATH` switches later)")
-    checkpoint: str | None = field(None, doc="run directory or checkpoint folder; None = build `model`")
-    model: ModelConfig = field(default_factory=ModelConfig, doc="preset and official weights (no checkpoint)")
-    generate: ChatGenerateConfig = field(
-        default_factory=ChatGenerateConfig, doc="decoding; official demo sampling"
-    )
-    load: str | None = field(None, doc="resume a transcript written by /save")
-    device: str = field("auto", doc="auto (cuda when present), cpu, cuda, cuda:N")
-    stream: bool = field(True, doc="show tokens as they are generated")
-    json: bool = field(False, doc="one JSON line per answer on stdout (question, answer, tokens, seconds)")
+    Raises:
+        UsageError: a bad model source, device or transcript path; DataError: not a transcript.
+    """
+    if model is None:
+        from mgpt4.infer.loading import load_model
+
+        model = load_model(cfg.model, cfg.checkpoint, cfg.device)
+    session = ChatSession(model, cfg.generate)
+    warnings = session.load(cfg.load) if cfg.load else []
+    image_error = None
+    if cfg.image:
+        first = session.handle(f"/image {cfg.image}")
+        image_error = first.text if first.kind == "error" else None
+    return ChatStart(session, warnings, image_error)
 
 
 @dataclasses.dataclass

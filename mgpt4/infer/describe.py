@@ -1,62 +1,37 @@
-"""``mgpt4 describe``: find images (files, folders, globs, shard sets), batch them, generate.
+"""``mgpt4 describe``: describe images (files, folders, globs, shard sets) in batches.
 
-Nothing here prints: ``describe_images`` yields one ``DescribeResult`` per input, in input order,
-failures included, and the CLI's render layer decides how to show them.
+Nothing here prints: ``run_describe`` loads the model, reports each ``DescribeResult`` through its
+``progress`` callback as soon as it is ready (failures included, in input order), writes ``output``
+as JSONL, and returns a ``DescribeSummary``. The CLI decides how results look on a terminal.
 
-    cfg = DescribeConfig(inputs=["photos/"], batch_size=8)
-    for result in describe_images(model, cfg):
+    summary = run_describe(DescribeConfig(inputs=["photos/"], checkpoint="runs/stage2"))
+    for result in summary.results:
         print(result.image, result.text)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from PIL import Image
 
-from mgpt4.config import GenerateConfig, ModelConfig, field
+from mgpt4.config import GenerateConfig
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, IMAGE_PLACEHOLDER, IMAGE_SLOT, stage2_prompt
-from mgpt4.data.images import ImageReadError, open_image
+from mgpt4.data.images import ImageReadError, count_sources, expand_inputs, iter_sources
 from mgpt4.errors import UsageError
+from mgpt4.infer.config import DescribeConfig
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import image_transform
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.infer")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SHARD_SUFFIX = ".tar"
-
-
-@dataclasses.dataclass
-class DescribeConfig:
-    """``mgpt4 describe``: what to describe, with which model, how to decode and where to write."""
-
-    inputs: list[str] = field(
-        default_factory=list, doc="images, folders (recursive), globs, .tar shards or shard brace patterns"
-    )
-    checkpoint: str | None = field(None, doc="run directory or checkpoint folder; None = build `model`")
-    model: ModelConfig = field(default_factory=ModelConfig, doc="preset and official weights (no checkpoint)")
-    generate: GenerateConfig = field(default_factory=GenerateConfig, doc="decoding; greedy by default")
-    prompt: str | None = field(
-        None, doc="instruction (wrapped in the stage-2 template); None = 'Describe this image in detail.'"
-    )
-    batch_size: int = field(8, doc="images per generate call (left padding, per-row stop)")
-    device: str = field("auto", doc="auto (cuda when present), cpu, cuda, cuda:N")
-    json: bool = field(False, doc="write JSONL (image, prompt, text, tokens, seconds) to stdout")
-    output: str | None = field(None, doc="also write the JSONL to this file (atomically)")
-    quiet: bool = field(False, doc="no progress or info on stderr")
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.prompt is not None and self.prompt.count(IMAGE_PLACEHOLDER) > 1:
-            raise UsageError(f"prompt: at most one {IMAGE_PLACEHOLDER} (describe shows one image per prompt)")
 
 
 @dataclasses.dataclass
@@ -111,86 +86,27 @@ def build_prompt(instruction: str | None, template: str) -> str:
 
 
 def collect_inputs(specs: Sequence[str]) -> list[str]:
-    """Expand command-line inputs into image paths and shard specs, in order.
-
-    Folders are walked recursively (sorted) for images; a folder holding ``.tar`` files is also a
-    shard set (only complete shards, see ``data.shards.find_shards``). Globs are expanded (``**``
-    recurses); ``.tar`` files and ``{a..b}`` brace patterns are shard sets. A spec that matches
-    nothing is kept so that it is reported as missing.
+    """Expand command-line inputs into image paths and shard specs, in order (``data.images.expand_inputs``).
 
     Raises:
         UsageError: no inputs were given.
     """
     if not specs:
         raise UsageError("describe: give at least one image, folder, glob or shard set")
-    found: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            images = [
-                str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            ]
-            # A folder with shards is also a shard set; one with neither is kept, to be reported.
-            found += images + ([spec] if any(path.glob(f"*{SHARD_SUFFIX}")) or not images else [])
-        elif _is_brace(spec) and not path.exists():
-            found.append(spec)
-        elif glob.has_magic(spec) and not path.exists():
-            found += [m for m in sorted(glob.glob(spec, recursive=True)) if Path(m).is_file()] or [spec]
-        else:
-            found.append(spec)
-    return found
+    return expand_inputs(specs)
 
 
 def count_images(inputs: Sequence[str]) -> int | None:
     """How many results ``describe_images`` will yield, or None when shards make it unknown upfront."""
-    return None if any(_is_shard(spec) for spec in inputs) else len(inputs)
-
-
-def _is_brace(spec: str) -> bool:
-    return "{" in spec and ".." in spec
-
-
-def _is_shard(spec: str) -> bool:
-    return spec.endswith(SHARD_SUFFIX) or _is_brace(spec) or Path(spec).is_dir()
+    return count_sources(inputs)
 
 
 def _iter_items(inputs: Iterable[str]) -> Iterator[ImageRequest]:
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir() and not any(path.glob(f"*{SHARD_SUFFIX}")):
-            yield ImageRequest(spec, error="a folder without image files or .tar shards")
-        elif _is_shard(spec):
-            yield from _shard_items(spec)
-        elif not path.exists():
-            yield ImageRequest(spec, error="no such file")
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            kind = path.suffix or path.name
-            yield ImageRequest(
-                spec, error=f"unsupported file type '{kind}' (use {', '.join(IMAGE_SUFFIXES)})"
-            )
+    for source in iter_sources(list(inputs)):
+        if source.error is not None:
+            yield ImageRequest(source.name, error=source.error)
         else:
-            yield ImageRequest(spec, open=lambda path=path, name=spec: open_image(path, name))
-
-
-def _shard_items(spec: str) -> Iterator[ImageRequest]:
-    """Every image sample of a shard set, named ``SHARD#KEY``; captions are not needed here.
-
-    A broken shard is one failed item (named by the shard) and the next shard is read as usual;
-    decoding errors surface per image when the item is opened.
-    """
-    from mgpt4.data.shards import find_shards, iter_shard_images
-
-    try:
-        shards = find_shards(spec)
-    except UsageError as exc:
-        yield ImageRequest(spec, error=str(exc))
-        return
-    for sample in iter_shard_images(shards):
-        name = f"{sample.shard}#{sample.key}" if sample.key else sample.shard
-        if sample.data is None:
-            yield ImageRequest(name, error=sample.error)
-        else:
-            yield ImageRequest(name, open=lambda data=sample.data, name=name: open_image(data, name))
+            yield ImageRequest(source.name, open=source.open)
 
 
 def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
@@ -201,11 +117,6 @@ def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
         return transform(item.open())
     except ImageReadError as exc:
         return exc.reason
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,3 +195,101 @@ def _run_batch(
             yield DescribeResult(
                 item.name, item_prompt, text=answer.text, tokens=answer.tokens, seconds=seconds
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+
+DescribeProgress = Callable[[DescribeResult, int, "int | None"], None]
+
+
+@dataclasses.dataclass
+class DescribeSummary:
+    """What ``run_describe`` did: every result in input order, and the counts."""
+
+    results: list[DescribeResult]
+    total: int | None  # inputs known upfront (None with shard sets)
+    output: str | None
+
+    @property
+    def described(self) -> int:
+        return sum(r.error is None for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.error is not None for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"described": self.described, "failed": self.failed, "output": self.output}
+
+
+def run_describe(
+    cfg: DescribeConfig, progress: DescribeProgress | None = None, model: MiniGPT4 | None = None
+) -> DescribeSummary:
+    """Describe ``cfg.inputs``; each result goes to ``progress`` as soon as it is ready.
+
+    Args:
+        cfg: inputs, model, decoding, batch size, ``output`` (JSONL written to a temporary name and
+            renamed when the run completes).
+        progress: called with (result, results so far, total or None) for every input, in order.
+        model: an already loaded model (e.g. the demo's); None loads ``cfg.checkpoint``/``cfg.model``.
+
+    Returns:
+        Every result (failures have ``error`` set); a run with failures still writes ``output``.
+
+    Raises:
+        UsageError: no inputs, an unwritable ``output``, a bad model source or device.
+    """
+    inputs = collect_inputs(cfg.inputs)
+    output = check_writable(cfg.output, "--output") if cfg.output else None  # before the model loads
+    if model is None:
+        from mgpt4.infer.loading import load_model
+
+        model = load_model(cfg.model, cfg.checkpoint, cfg.device)
+    total = count_images(inputs)
+    results: list[DescribeResult] = []
+    with _JsonlFile(output) as sink:
+        for result in describe_images(model, cfg, inputs):
+            results.append(result)
+            if result.error is None:
+                sink.write(result.to_json())
+            if progress is not None:
+                progress(result, len(results), total)
+            elif len(results) % cfg.batch_size == 0 or len(results) == total:
+                log.info("described %d/%s", len(results), total or "?")
+    summary = DescribeSummary(results, total, str(output) if output else None)
+    if output is not None:
+        log.info("wrote %d record(s) to %s", summary.described, output)
+    return summary
+
+
+class _JsonlFile:
+    """JSONL lines into ``path`` (when given) under a temporary name, renamed only on success."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> _JsonlFile:
+        if self.path is not None:
+            self._file = self._tmp().open("w", encoding="utf-8")
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        if exc_type is None:
+            self._tmp().replace(self.path)
+        else:
+            self._tmp().unlink(missing_ok=True)
+
+    def _tmp(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".tmp")

@@ -31,6 +31,7 @@ from mgpt4.config import ModelConfig
 from mgpt4.errors import CheckpointError, UsageError
 from mgpt4.model import checkpoints
 from mgpt4.model.build import check_weight_files, write_model_config
+from mgpt4.model.import_config import ImportConfig, ImportResult
 from mgpt4.model.llm import _IGNORABLE_KEYS, inspect_llm_dir
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.presets import get_preset
@@ -41,6 +42,19 @@ VISION_FILE = "vision.safetensors"
 QFORMER_FILE = "qformer.safetensors"
 LLM_DIR = "llm"
 _LLM_WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def run_import(cfg: ImportConfig, progress: Callable[[str], None] | None = None) -> ImportResult:
+    """``mgpt4 model import``: check every required setting, then ``import_model``.
+
+    Raises:
+        UsageError: a required file or the output folder is not given (and what ``import_model`` raises).
+    """
+    missing = [f"--{name}" for name in ("preset", "vision", "proj", "llm", "out") if not getattr(cfg, name)]
+    if missing:
+        raise UsageError(f"model import: give {', '.join(missing)}")
+    out = import_model(cfg.preset, cfg.vision, cfg.qformer, cfg.proj, cfg.llm, cfg.out, progress)
+    return ImportResult(str(out), cfg.preset)
 
 
 def import_model(

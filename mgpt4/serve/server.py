@@ -88,6 +88,9 @@ def run_serve(
     server = _Server(config, started)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn finished the open requests on Ctrl-C, then re-raised it: that is how a server stops.
+        pass
     finally:
         sock.close()
     return ServeResult(url, app.state.service.batcher.batches)

@@ -28,17 +28,19 @@ from mgpt4.train import checkpointing
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.data import make_prefetched_batches
 from mgpt4.train.launch import free_port
-from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss
+from mgpt4.train.metrics import MetricsLog, StepProgress, peak_memory_mib, plot_loss
 from mgpt4.train.schedule import lr_at
 
 log = logging.getLogger("mgpt4.train")
 
 
-def run_worker(cfg: TrainRunConfig, resume_dir: Path | None = None) -> dict[str, Any]:
+def run_worker(
+    cfg: TrainRunConfig, resume_dir: Path | None = None, progress: StepProgress | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` in this process (one rank of however many were launched); returns a summary.
 
     ``resume_dir`` is the checkpoint the launching process chose and checked (``mgpt4.train.resume``);
-    it also truncated ``metrics.jsonl`` to that step.
+    it also truncated ``metrics.jsonl`` to that step. ``progress`` gets every step's record on rank 0.
     """
     import deepspeed
 
@@ -54,7 +56,7 @@ def run_worker(cfg: TrainRunConfig, resume_dir: Path | None = None) -> dict[str,
     if resume_dir is not None:
         start_step = checkpointing.restore_state(engine, resume_dir, batches, rank)
         log.info("resumed from %s at step %d", resume_dir, start_step)
-    metrics = MetricsLog(run, cfg.train.max_steps, start_step, rank == 0, cfg.train.tensorboard)
+    metrics = MetricsLog(run, cfg.train.max_steps, rank == 0, cfg.train.tensorboard, progress)
     try:
         last = _train_loop(cfg, engine, model, batches, metrics, run, start_step, rank, world_size)
     finally:

@@ -66,8 +66,10 @@ def check_final_eval(cfg: TrainRunConfig) -> None:
         raise ConfigError(f"eval.{message}" if names_a_key else f"eval.data: {message}") from exc
 
 
-def run_final_eval(cfg: TrainRunConfig, run: Path, checkpoint: Path, step: int) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (step ``step`` of ``run``); returns ``{"eval": {task: metrics}, "eval_out"}``.
+def run_final_eval(
+    cfg: TrainRunConfig, run: Path, checkpoint: Path, step: int
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Evaluate ``checkpoint`` (step ``step`` of ``run``); returns ``({task: metrics}, eval folder)``.
 
     Raises:
         Mgpt4Error: the eval failed (exit code 1); the message names the checkpoint and the rerun command.
@@ -94,7 +96,7 @@ def run_final_eval(cfg: TrainRunConfig, run: Path, checkpoint: Path, step: int) 
         ) from exc
     _record(run, step, task, result.metrics)
     log.info("eval %s at step %d: %s", task, step, json.dumps(result.metrics))
-    return {"eval": {task: result.metrics}, "eval_out": str(out)}
+    return {task: result.metrics}, str(out)
 
 
 def rerun_command(eval_cfg: EvalConfig) -> str:

@@ -1,4 +1,4 @@
-"""Run metrics: ``metrics.jsonl`` lines, live progress, peak memory, and the loss-curve PNG."""
+"""Run metrics: ``metrics.jsonl`` lines, progress through a callback, peak memory, the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -7,25 +7,21 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from mgpt4.console import err_console, is_interactive
 from mgpt4.errors import UsageError
 
 log = logging.getLogger("mgpt4.train")
 
 METRICS_FILE = "metrics.jsonl"
+
+# Called on rank 0 after every optimizer step with its metrics record (step, loss, lr, samples_per_s, …)
+# and train.max_steps; the CLI draws a progress bar from it.
+StepProgress = Callable[[dict[str, Any], int], None]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -71,23 +67,21 @@ def truncate_metrics(run: Path, after_step: int) -> None:
 
 
 class MetricsLog:
-    """Rank-0 writer of ``metrics.jsonl`` plus progress: a rich bar on a TTY, log lines otherwise."""
+    """Rank-0 writer of ``metrics.jsonl``; each step also goes to ``progress``, or a log line per write."""
 
     def __init__(
-        self, run: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool
+        self,
+        run: Path,
+        total_steps: int,
+        enabled: bool,
+        tensorboard: bool,
+        progress: StepProgress | None = None,
     ) -> None:
         self.enabled = enabled
+        self.total_steps = total_steps
+        self.progress = progress
         self.file = (run / METRICS_FILE).open("a") if enabled else None
-        self.progress: Progress | None = None
         self.writer = None
-        if enabled and is_interactive():
-            self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=err_console, transient=False,
-            )  # fmt: skip
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
-            self.progress.start()
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -95,14 +89,13 @@ class MetricsLog:
         self.started = time.monotonic()
 
     def step(self, record: dict[str, Any], write: bool) -> None:
-        """Show one optimizer step; write it to metrics.jsonl when ``write``."""
+        """Report one optimizer step; write it to metrics.jsonl when ``write``."""
         if not self.enabled:
             return
-        status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s"
         if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], status=status)
+            self.progress(record, self.total_steps)
         elif write:
-            log.info("step %d  %s", record["step"], status)
+            log.info("step %d  %s", record["step"], step_status(record))
         if write:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -111,12 +104,15 @@ class MetricsLog:
                     self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
         if self.file is not None:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def step_status(record: dict[str, Any]) -> str:
+    """One step's loss, learning rate and speed, as the log lines and the progress bar show them."""
+    return f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s"
 
 
 def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:

@@ -3,7 +3,7 @@
 The ``mgpt4 pretrain``/``finetune`` process holds an exclusive ``flock`` on ``RUN/.lock`` (its pid
 inside) for the run's whole life, so a second command on the same folder stops at once instead of
 racing the first for ``checkpoints/`` and ``metrics.jsonl``. The kernel drops the lock when the
-process ends, however it ends; its launched workers stop with it (``mgpt4.train.worker``).
+process ends, however it ends; its launched workers stop with it (``mgpt4.train.launch.exit_when_gone``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`open_image`: the one decoder behind describe, chat, curate and training, with one pixel cap."""
+"""The one image source (files, folders, globs, shards) and `open_image`, the one decoder behind describe,
+chat, curate, eval and training, with one pixel cap."""
 
 from __future__ import annotations
 
@@ -7,8 +8,25 @@ import io
 import pytest
 from PIL import Image
 
-from mgpt4.data.images import MAX_IMAGE_PIXELS, ImageReadError, open_image
-from tests.helpers.bad_images import BIG_BOMB, MIDDLE_BOMB, bomb_png, png, write_bad_files
+from mgpt4.curate.images import iter_images
+from mgpt4.data.images import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    ImageReadError,
+    expand_inputs,
+    iter_sources,
+    open_image,
+)
+from mgpt4.data.shards import IMAGE_EXTENSIONS
+from mgpt4.infer.describe import collect_inputs
+from tests.helpers.bad_images import (
+    BIG_BOMB,
+    MIDDLE_BOMB,
+    bomb_png,
+    png,
+    write_bad_files,
+    write_damaged_shards,
+)
 
 # mgpt4.data.images silences Pillow's warning (its own check refuses those images first); pytest
 # resets warning filters per test, so restate that here.
@@ -57,3 +75,44 @@ def test_every_kind_of_bad_file_is_one_image_read_error(tmp_path):
         open_image(tmp_path / "missing.png")
     with pytest.raises(ImageReadError, match="image bytes: cannot read image"):
         open_image(io.BytesIO(b"x").getvalue())
+
+
+def test_one_source_for_files_folders_globs_and_shards(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.JPG", "sub/c.gif", "sub/d.webp", "sub/e.bmp", ".hidden.jpg"):
+        Image.new("RGB", (8, 8), "red").save(photos / name, format="PNG")
+    (photos / "notes.txt").write_text("not an image")
+    shards = write_damaged_shards(tmp_path / "shards")
+    specs = [str(photos), f"{photos}/sub/*.gif", str(shards / "{00000..00001}.tar"), "missing.png",
+             str(photos / "notes.txt")]  # fmt: skip
+    inputs = expand_inputs(specs)
+    assert inputs[:5] == [str(photos / n) for n in ("a.JPG", "b.png", "sub/c.gif", "sub/d.webp", "sub/e.bmp")]
+    assert inputs[5:] == [str(photos / "sub/c.gif"), str(shards / "{00000..00001}.tar"), "missing.png",
+                          str(photos / "notes.txt")]  # fmt: skip
+    sources = list(iter_sources(inputs))
+    names = [s.name for s in sources]
+    assert names[:6] == inputs[:6]  # hidden files are not data
+    assert names[6:12] == [f"{shards / '00000.tar'}#a0", f"{shards / '00000.tar'}#a1"] + [
+        f"{shards / '00001.tar'}#b{i}" for i in range(4)
+    ]
+    errors = {s.name: s.error for s in sources if s.error}
+    assert errors == {
+        "missing.png": "no such file",
+        str(photos / "notes.txt"): f"unsupported file type '.txt' (use {', '.join(IMAGE_SUFFIXES)})",
+    }
+    assert all(s.open().mode == "RGB" for s in sources[:8])
+    with pytest.raises(ImageReadError, match="pixel limit"):
+        sources[10].open()  # b2: a bomb member, refused when opened
+    assert collect_inputs(specs) == inputs  # describe's inputs are exactly these
+
+
+def test_describe_curate_and_shards_share_one_suffix_list(tmp_path):
+    assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+    assert IMAGE_EXTENSIONS == tuple(s[1:] for s in IMAGE_SUFFIXES)
+    for suffix in IMAGE_SUFFIXES:
+        Image.new("RGB", (8, 8)).save(tmp_path / f"x{suffix}", format="PNG")
+    (tmp_path / ".x.jpg").write_bytes(b"")
+    curated = [image.name for image in iter_images(str(tmp_path))]
+    described = expand_inputs([str(tmp_path)])
+    assert curated == described and len(curated) == len(IMAGE_SUFFIXES)

@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import io
 import json
-import logging
 import shutil
 import tarfile
 import threading
@@ -30,9 +29,7 @@ from PIL import Image
 from mgpt4.data.sources import UrlRow
 from mgpt4.download import DownloadConfig, FetchConfig, ImageConfig, run_download
 from mgpt4.download.fetch import Fetcher, FetchError
-from mgpt4.download.progress import DownloadProgress
 from mgpt4.download.shard_download import ShardJob, download_shard, shard_key
-from mgpt4.download_render import ProgressBar
 from mgpt4.errors import UsageError
 
 SAMPLE_JSON_KEYS = {
@@ -98,7 +95,7 @@ def test_shard_is_img2dataset_compatible(tmp_path: Path, server: LoopbackServer)
         make_png(120, 120, seed=3, alpha=True),
     ]
     urls = [server.add_image(f"{i}.img", body) for i, body in enumerate(bodies)]
-    summary = run_download(_config(tmp_path, _url_list(tmp_path, urls)))
+    summary = run_download(_config(tmp_path, _url_list(tmp_path, urls))).to_json()
     out = tmp_path / "out"
 
     names = sorted(p.name for p in out.iterdir())
@@ -205,7 +202,7 @@ def test_every_failure_kind_is_recorded_and_never_fatal(tmp_path: Path, server: 
         fetch=dataclasses.replace(cfg.fetch, timeout=0.5),
     )
     started = time.monotonic()
-    summary = run_download(cfg)
+    summary = run_download(cfg).to_json()
     assert time.monotonic() - started < 10  # slow and endless bodies are cut by the deadline and the cap
 
     got = [(r["status"], r["error_kind"]) for r in _records(tmp_path / "out")]
@@ -270,9 +267,9 @@ def test_https_verifies_certificates(tmp_path: Path) -> None:
 def test_rerun_skips_complete_shards(tmp_path: Path, server: LoopbackServer) -> None:
     urls = [server.add_image(f"{i}.jpg", make_jpeg(64, 48, seed=i)) for i in range(10)]
     cfg = _config(tmp_path, _url_list(tmp_path, urls), shard_size=4)
-    first = run_download(cfg)
+    first = run_download(cfg).to_json()
     assert first["shards"]["written"] == 3 and sum(server.hits.values()) == 10
-    second = run_download(cfg)
+    second = run_download(cfg).to_json()
     assert second["shards"] == {"written": 0, "skipped": 3, "incomplete": 0}
     assert sum(server.hits.values()) == 10 and second["run"]["rows"] == 0
     assert second["dataset"] == {"shards": 3, "rows": 10, "successes": 10}
@@ -283,7 +280,7 @@ def test_a_grown_list_fetches_only_the_new_rows(tmp_path: Path, server: Loopback
     cfg = _config(tmp_path, _url_list(tmp_path, urls[:6]), shard_size=4)
     run_download(cfg)  # shards 0 (4 rows) and 1 (2 rows)
     _url_list(tmp_path, urls)  # three rows appended: shard 1 grows to 4, shard 2 appears
-    summary = run_download(cfg)
+    summary = run_download(cfg).to_json()
     assert summary["shards"] == {"written": 2, "skipped": 1, "incomplete": 0}
     assert summary["run"]["rows"] == 3 and all(n == 1 for n in server.hits.values())
     assert len(_samples(tmp_path / "out" / "00001.tar")) == 4
@@ -317,7 +314,7 @@ def test_interrupted_shard_resumes_without_refetching(
         partial.write_bytes(partial.read_bytes()[:-700])
     hits_before = dict(server.hits)
 
-    summary = run_download(cfg)
+    summary = run_download(cfg).to_json()
     assert summary["shards"]["written"] == 1 and summary["dataset"]["successes"] == 24
     samples = _samples(out / "00000.tar")
     assert sorted(samples) == [shard_key(0, i, 100) for i in range(24)]
@@ -343,13 +340,13 @@ def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: 
     urls = good[:3] + [busy, slow, gone] + good[3:]
     cfg = _config(tmp_path, _url_list(tmp_path, urls), shard_size=4)
     cfg = dataclasses.replace(cfg, fetch=dataclasses.replace(cfg.fetch, retries=0, timeout=0.3))
-    assert run_download(cfg)["run"]["successes"] == 8
+    assert run_download(cfg).to_json()["run"]["successes"] == 8
     server.routes["/busy.jpg"].fail_first = 0  # the server recovered
     server.routes["/slow.jpg"].delay = 0.0
     hits = dict(server.hits)
 
-    assert run_download(cfg)["run"]["rows"] == 0  # a plain rerun leaves complete shards alone
-    summary = run_download(dataclasses.replace(cfg, retry_failed=True))
+    assert run_download(cfg).to_json()["run"]["rows"] == 0  # a plain rerun leaves complete shards alone
+    summary = run_download(dataclasses.replace(cfg, retry_failed=True)).to_json()
     assert summary["run"] == {**summary["run"], "rows": 2, "successes": 2}
     assert summary["shards"] == {"written": 2, "skipped": 1, "incomplete": 0}
     assert {p: n - hits.get(p, 0) for p, n in server.hits.items() if n != hits.get(p, 0)} == {
@@ -366,7 +363,7 @@ def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: 
 def test_two_processes_write_the_same_shards(tmp_path: Path, server: LoopbackServer) -> None:
     urls = [server.add_image(f"{i}.jpg", make_jpeg(90, 70, seed=i)) for i in range(20)]
     url_list = _url_list(tmp_path, urls)
-    summary = run_download(_config(tmp_path, url_list, shard_size=5, processes=2, threads=4))
+    summary = run_download(_config(tmp_path, url_list, shard_size=5, processes=2, threads=4)).to_json()
     assert summary["shards"]["written"] == 4 and summary["run"]["successes"] == 20
     run_download(_config(tmp_path, url_list, shard_size=5, output=str(tmp_path / "single")))
     for shard in range(4):
@@ -399,26 +396,3 @@ def test_shard_keys_follow_img2dataset() -> None:
     assert shard_key(3, 7, 10000) == "000030007"
     assert shard_key(12, 999, 1000) == "00012999"
     assert shard_key(0, 0, 1) == "00000"
-
-
-def test_progress_bar_and_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    with ProgressBar() as bar, DownloadProgress(total=10, callback=bar) as progress:
-        progress.skip(4)
-        progress.advance(ok=5, failed=1)
-    err = capsys.readouterr().err
-    assert "10/10" in err and "img/s" in err and "ok  83.3%" in err
-
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("mgpt4.download")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        with DownloadProgress(total=100, log_every=0.0) as progress:
-            progress.advance(ok=30, failed=10)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    assert lines and lines[0].startswith("40/100 rows done, 30 ok (75.0%)") and "ETA" in lines[0]

@@ -78,7 +78,7 @@ def test_memory_output_resumes_after_an_interruption_and_retries_failures(
     assert not any(n.endswith(".tar") and n.replace(".tar", "_stats.json") not in names for n in names)
     hits = dict(server.hits)
 
-    summary = run_download(cfg)  # resumes from the uploaded partial tar and journal
+    summary = run_download(cfg).to_json()  # resumes from the uploaded partial tar and journal
     refetched = [p for p, n in server.hits.items() if n > hits.get(p, 0) and hits.get(p, 0) > 0]
     assert [p for p in refetched if not p.startswith("/busy")] == []  # stored rows are not fetched again
     counts = count_folder(memory_url)
@@ -89,7 +89,7 @@ def test_memory_output_resumes_after_an_interruption_and_retries_failures(
     for url in busy:
         server.routes[url.removeprefix(server.base)].fail_first = 0
     stored = counts.jpegs
-    summary = run_download(dataclasses.replace(cfg, retry_failed=True))
+    summary = run_download(dataclasses.replace(cfg, retry_failed=True)).to_json()
     assert summary["run"]["rows"] == 3 and summary["run"]["successes"] == 3
     assert summary["shards"] == {"written": 1, "skipped": 2, "incomplete": 0}
     counts = count_folder(memory_url)
@@ -119,7 +119,7 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_does_not(
     with pytest.raises(UsageError, match=r"another `mgpt4 download` .*host node7, pid 42.*delete"):
         run_download(cfg)
     fs.pipe_file(lease, json.dumps({"host": "node7", "pid": 42, "renewed": time.time() - 600}).encode())
-    assert run_download(cfg)["run"]["successes"] == 1
+    assert run_download(cfg).to_json()["run"]["successes"] == 1
     assert not fs.exists(lease)  # released at the end
 
 

@@ -145,6 +145,7 @@ class Terminal:
             os.close(self.master)
 
 
+@pytest.mark.slow  # a real process on a pseudo-terminal: 7-13 s on 2 busy cores
 def test_interactive_terminal_streams_and_ctrl_c_stops_only_the_answer(micro_model_dir, pictures, tmp_path):
     # Strict decoding, as in a UTF-8 locale (the C locale's surrogateescape is covered by the piped test).
     term = Terminal(["-m", micro_model_dir, pictures[0], "--max-new-tokens", "8"], tmp_path,

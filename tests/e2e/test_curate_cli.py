@@ -211,6 +211,7 @@ def test_fix_failure_keeps_text_and_rerun_refixes(micro_model_dir, image_dir, op
     assert sorted(r["caption"] for r in rows) == sorted([paragraph(0), paragraph(1)])  # 4 workers: any order
 
 
+@pytest.mark.slow  # a real process, killed and rerun: 7-19 s on 2 busy cores
 def test_resume_after_kill(micro_model_dir, image_dir, tmp_path):
     out = tmp_path / "aligned"
     args = ["--model", micro_model_dir, "--images", str(image_dir), "--out", str(out), "--num", "6",
@@ -317,7 +318,7 @@ def test_shard_input_uses_keys_in_order(micro_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--images", "x", "--out", "y"], "--model is required"),
+        (["--images", "x", "--out", "y"], "no model given and no default set: pass --model FOLDER"),
         (["--model", "micro", "--images", "/nonexistent", "--out", "{tmp}"], "--images /nonexistent"),
         (["--model", "micro", "--images", "x", "--out", "y", "--fixer", "gpt"], "fixer.backend"),
         (["--model", "micro", "--images", "x", "--out", "y", "filters.skip=[dupes]"], "filters.skip"),

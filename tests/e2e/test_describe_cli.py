@@ -161,7 +161,7 @@ def test_shard_set_input(micro_model_dir, tmp_path):
 def test_rich_panels_on_a_terminal(micro_model_dir, image_dir, monkeypatch):
     buffer = io.StringIO()
     terminal = Console(file=buffer, force_terminal=True, width=100, highlight=False)
-    monkeypatch.setattr("mgpt4.infer.render.console", terminal)
+    monkeypatch.setattr("mgpt4.cli.infer.console", terminal)
     first = sorted(image_dir.glob("*.png"))[0]
     code, _, err = describe("-m", micro_model_dir, str(first), "--max-new-tokens", "4")
     assert code == 0, err

@@ -328,6 +328,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # real processes, killed and rerun: 3-25 s each on 2 busy cores
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_killed_run_leaves_only_complete_shards_and_resumes(
     tmp_path: Path, server: LoopbackServer, how: str

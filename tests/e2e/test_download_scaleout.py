@@ -150,6 +150,7 @@ def test_ray_worker_killed_mid_shard_every_row_once(tmp_path: Path, server: Loop
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two node processes, one killed and rerun: 4-7 s on 2 busy cores
 def test_two_nodes_one_killed_and_rerun_then_report_merges(tmp_path: Path, server: LoopbackServer) -> None:
     n, size = 40, 10
     urls = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i), delay=0.05) for i in range(n)]
@@ -334,3 +335,50 @@ def test_s3_output_killed_resumes_then_retries_failures(
         [*MGPT4, "download", "report", "-o", out, "--json"], capture_output=True, text=True, env=env
     )
     assert json.loads(report.stdout)["dataset"] == {"shards": 3, "rows": 30, "successes": 30}
+
+
+@pytest.mark.slow  # a Ray head plus two downloads through it: ~40 s on 2 busy cores
+def test_ray_recipe_joins_a_running_cluster_and_a_local_run_starts_its_own(
+    tmp_path: Path, server: LoopbackServer
+) -> None:
+    """The README's recipe: `ray start --head`, then `--ray-address auto` joins that cluster; without an
+    address the command starts a fresh local one instead of tripping over the running one."""
+    pytest.importorskip("ray")
+    n, size = 8, 4
+    urls = [server.add_image(f"{i}.jpg", make_jpeg(48, 40, seed=i)) for i in range(n)]
+    url_list = _url_list(tmp_path / "urls.jsonl", urls)
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--port=0", "--num-cpus=2", "--include-dashboard=false",
+         f"--temp-dir={ray_tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def sessions() -> list[str]:  # the head's (under --temp-dir) and a local run's (under RAY_TMPDIR/ray)
+        return sorted(
+            p.name for p in [*Path(ray_tmp).glob("session_2*"), *Path(ray_tmp).glob("ray/session_2*")]
+        )
+
+    try:
+        _wait(lambda: sessions() and list(Path(ray_tmp).glob("session_latest/logs/raylet.out")), head,
+              "the Ray head")  # fmt: skip
+        time.sleep(3)  # the raylet registers its CPUs after it starts logging
+        first = sessions()
+        for name, extra in (("joined", ["--ray-address", "auto"]), ("local", [])):
+            out = tmp_path / name
+            cmd = [*MGPT4, "download", str(url_list), "-o", str(out), "--shard-size", str(size),
+                   "--processes", "2", "--threads", "2", "--image-size", "32", "--distributor", "ray",
+                   "--json", *extra]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert json.loads(done.stdout)["dataset"] == {"shards": n // size, "rows": n, "successes": n}
+            _assert_all_rows_once(str(out), n, size)
+            if name == "joined":
+                assert sessions() == first  # ran inside the head's session, started no cluster
+        assert len(sessions()) == len(first) + 1  # the address-less run started (and left) its own
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -83,6 +83,10 @@ def test_finetune_ends_with_an_eval_of_its_final_checkpoint_and_a_rerun_resumes_
     assert again["already_finished"] and again["eval"] == summary["eval"]
     assert (out / "answers.jsonl").read_bytes() == before
     assert metrics(run) == lines
+    shown = invoke(*finetune_args(data, run))  # the same, as a person reads it
+    assert shown.exit_code == 0, shown.stderr
+    text = " ".join(shown.stdout.split())  # rich wraps long lines at the terminal's width
+    assert "eval shapes: " in text and f", n {summary['eval']['shapes']['n']} → {out}" in text
 
     # Extended by a step: the new final checkpoint is evaluated, the old eval is kept aside.
     result = invoke(*finetune_args(data, run, "train.max_steps=3", "train.save_every=3"), "--json")

@@ -198,7 +198,7 @@ def test_the_worker_itself_loads_deepspeed_state_weights_only(run, tmp_path):
     plant_payload(run / "checkpoints" / "step-10", marker)
     config = load_config(TrainRunConfig, run / "config.yaml", [f"out={run}"])
     save_config(config, run / "config.yaml")
-    command = [sys.executable, "-m", "mgpt4.train.worker", "--config", run / "config.yaml",
+    command = [sys.executable, "-m", "mgpt4.cli.worker", "--config", run / "config.yaml",
                "--resume", run / "checkpoints" / "step-10"]  # fmt: skip
     result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1

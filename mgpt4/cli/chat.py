@@ -1,57 +1,24 @@
-"""What ``mgpt4 describe`` and ``mgpt4 chat`` run: load the model, drive the library, show the results.
+"""``mgpt4 chat`` in the terminal: the interactive loop (live markdown) and the piped loop (scripts).
 
-This is the presentation layer (it owns stdin/stdout); the logic lives in ``describe.py`` and
-``chat.py``, which never print.
+The conversation itself is the library's ``ChatSession`` (``mgpt4.infer.chat``); this module only reads
+lines and shows what each returns. Interactive when stdin and stdout are terminals; piped otherwise,
+with answers (or ``--json`` lines) on stdout and everything else on stderr.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Iterable
 
-from mgpt4.console import console, setup_logging
+from rich.live import Live
+from rich.markdown import Markdown
+
+from mgpt4.cli.console import console, setup_logging, warn
+from mgpt4.conversation import STOP_STRING
 from mgpt4.errors import DataError
-from mgpt4.infer.chat import ChatConfig, ChatSession, Reply
-from mgpt4.infer.describe import DescribeConfig, collect_inputs, count_images, describe_images
-from mgpt4.infer.loading import load_model
-from mgpt4.infer.render import DescribeOutput, StreamView, warn
-from mgpt4.output_paths import check_writable
-
-log = logging.getLogger("mgpt4.infer")
-
-
-def run_describe(cfg: DescribeConfig) -> int:
-    """Describe ``cfg.inputs`` and show each result as it is ready; returns how many were described.
-
-    Raises:
-        UsageError: no inputs, bad model source; DataError (exit 1): some inputs could not be read.
-    """
-    setup_logging(cfg.quiet)  # logs go to stderr: --json keeps stdout clean either way
-    inputs = collect_inputs(cfg.inputs)
-    if cfg.output:
-        check_writable(cfg.output, "--output")  # before the model loads, not after the work
-    model = load_model(cfg.model, cfg.checkpoint, cfg.device)
-    total = count_images(inputs)
-    with DescribeOutput(cfg.json, cfg.output, cfg.quiet, total) as out:
-        for result in describe_images(model, cfg, inputs):
-            out.add(result)
-            if not out.has_progress_bar and (out.done % cfg.batch_size == 0 or out.done == total):
-                log.info("described %d/%s", out.done, total or "?")  # plain progress when not on a TTY
-    described = out.done - out.failed
-    if cfg.output:
-        log.info("wrote %d record(s) to %s", described, cfg.output)
-    if out.failed:
-        raise DataError(
-            f"{out.failed} of {out.done} input(s) could not be read (listed above); {described} described"
-        )
-    return described
-
-
-# --------------------------------------------------------------------------------------------------
-# chat
-# --------------------------------------------------------------------------------------------------
+from mgpt4.infer.chat import ChatSession, Reply, start_chat
+from mgpt4.infer.config import ChatConfig
 
 
 def run_chat(cfg: ChatConfig) -> int:
@@ -63,20 +30,20 @@ def run_chat(cfg: ChatConfig) -> int:
     """
     interactive = sys.stdin.isatty() and console.is_terminal and not cfg.json
     setup_logging(quiet=not interactive)
-    model = load_model(cfg.model, cfg.checkpoint, cfg.device)
-    session = ChatSession(model, cfg.generate)
-    for warning in session.load(cfg.load) if cfg.load else []:
+    start = start_chat(cfg)
+    session = start.session
+    for warning in start.warnings:
         warn(f"warning: {warning}")
-    first = session.handle(f"/image {cfg.image}") if cfg.image else Reply("message")
-    if first.kind == "error":
-        warn(f"error: {first.text}")  # the session goes on without an image
+    if start.image_error:
+        warn(f"error: {start.image_error}")  # the session goes on without an image
     if interactive:
         _banner(session, cfg)
         return _interactive_loop(session, cfg)
     # Bytes, decoded line by line: a byte that is not valid text fails the question holding it (the
     # session refuses it), while a /image path with such bytes still names its file, as on Linux.
     stdin = getattr(sys.stdin, "buffer", sys.stdin)
-    return _piped_loop(session, cfg, stdin, failed=int(first.kind == "error"), encoding=sys.stdin.encoding)
+    failed = int(start.image_error is not None)
+    return _piped_loop(session, cfg, stdin, failed=failed, encoding=sys.stdin.encoding)
 
 
 def _banner(session: ChatSession, cfg: ChatConfig) -> None:
@@ -166,3 +133,53 @@ def _piped_loop(
 def _is_question(line: str) -> bool:
     text = line.strip()
     return bool(text) and not text.startswith("/")
+
+
+def visible_answer(text: str) -> str:
+    """What to show of a partial answer: the text before ``###``, without leading or trailing space
+    and without trailing ``#`` that may be the start of it (the final answer is stripped too)."""
+    head = text.split(STOP_STRING)[0]
+    return (head if STOP_STRING in text else head.rstrip("#")).strip()
+
+
+class StreamView:
+    """Receives an answer's growing text and shows it: live markdown on a TTY, plain stdout otherwise."""
+
+    def __init__(self, rich_output: bool) -> None:
+        self.rich_output = rich_output
+        self.shown = ""
+        self._live: Live | None = None
+
+    def start(self) -> None:
+        if self.rich_output:
+            self._live = Live(
+                Markdown(""),
+                console=console,
+                refresh_per_second=12,
+                transient=False,
+                vertical_overflow="visible",
+            )
+            self._live.start()
+
+    def update(self, text: str) -> None:
+        """Show ``text`` (the answer so far); plain mode writes only the new suffix."""
+        text = visible_answer(text)
+        if self._live is not None:
+            self._live.update(Markdown(text))
+        elif text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+        self.shown = text
+
+    def finish(self, final: str, note: str | None = None) -> None:
+        """Replace the streamed text with the cleaned final answer and end the block."""
+        if self._live is not None:
+            self._live.update(Markdown(final or "_(empty answer)_"))
+            self._live.stop()
+            self._live = None
+        else:
+            tail = final[len(self.shown) :] if final.startswith(self.shown) else ""
+            sys.stdout.write(tail + "\n")
+            sys.stdout.flush()
+        if note:
+            warn(note)
