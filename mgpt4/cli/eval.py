@@ -81,8 +81,8 @@ def run(ctx: click.Context, args: tuple[str, ...], config_path: str | None, mode
     table = Table(title=f"eval {result.task} → {result.out}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in _flat(result.metrics).items():
-        table.add_row(name, _number(value))
+    for name, value in flat_metrics(result.metrics).items():
+        table.add_row(name, metric_text(value))
     console.print(table)
     speed = f", {result.answers_per_s:.2f} answers/s" if result.answers_per_s else ""
     console.print(
@@ -116,24 +116,27 @@ def compare(dir_a: str, dir_b: str, as_json: bool) -> None:
         difference = "" if row.difference is None else f"{row.difference:+.4f}"
         style = "green" if (row.difference or 0) > 0 else "red" if (row.difference or 0) < 0 else ""
         table.add_row(
-            row.metric, _number(row.a), _number(row.b), f"[{style}]{difference}[/]" if style else difference
+            row.metric,
+            metric_text(row.a),
+            metric_text(row.b),
+            f"[{style}]{difference}[/]" if style else difference,
         )
     console.print(table)
     for note in comparison.notes:
         console.print(f"note: {note}", markup=False)
 
 
-def _flat(metrics: dict, prefix: str = "") -> dict:
+def flat_metrics(metrics: dict, prefix: str = "") -> dict:
     flat = {}
     for name, value in metrics.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{name}."))
+            flat.update(flat_metrics(value, f"{prefix}{name}."))
         else:
             flat[f"{prefix}{name}"] = value
     return flat
 
 
-def _number(value) -> str:
+def metric_text(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import click
 
 from mgpt4.cli.console import console, setup_logging, step_bar
+from mgpt4.cli.eval import flat_metrics, metric_text
 from mgpt4.cli.options import config_option, config_overrides, options_from, output_options
 from mgpt4.errors import UsageError
 from mgpt4.train.config import TrainRunConfig
@@ -72,6 +73,11 @@ def _train(ctx: click.Context, stage: int, config_path: str | None, overrides: t
                           f"{summary.run}")  # fmt: skip
         else:
             console.print(f"{command}: {summary.steps} steps, {loss_text} → {summary.run}")
+        for task, metrics in (summary.eval or {}).items():
+            scores = ", ".join(
+                f"{name} {metric_text(value)}" for name, value in flat_metrics(metrics).items()
+            )
+            console.print(f"eval {task}: {scores} → {summary.eval_out}", markup=False)
 
 
 @click.command()

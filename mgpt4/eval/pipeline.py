@@ -107,6 +107,31 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, model=None) -> E
     return result
 
 
+def check_eval(cfg: EvalConfig) -> None:
+    """What ``run_eval`` checks first, alone and writing nothing: for a job that evaluates at its end.
+
+    The options, the task's prompt, the device, the judge endpoint's settings, and the data: files are
+    read and parsed (a streamed shard set down to its first sample). The built-in ``shapes`` set
+    (``data`` unset) is written on first use and needs no check.
+
+    Raises:
+        UsageError: what ``run_eval`` would raise about the same settings before answering.
+    """
+    from mgpt4.infer.loading import resolve_device
+
+    cfg.validate()
+    task = get_task(cfg.task)
+    _check_prompt(cfg, task)
+    resolve_device(cfg.device)
+    if task.annotator:
+        task.annotator(cfg)
+    if cfg.task == "shapes" and cfg.data is None:
+        return
+    data = task.load(cfg)
+    if data.total is None:
+        next(iter(data.items), None)
+
+
 def _check_prompt(cfg: EvalConfig, task: Task) -> None:
     asks = task.default_prompt is not None and "{question}" in task.default_prompt
     if cfg.prompt is not None and asks and "{question}" not in cfg.prompt:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from mgpt4.config import ModelConfig, field
+from mgpt4.config import GenerateConfig, ModelConfig, field
 from mgpt4.errors import ConfigError, UsageError
+from mgpt4.eval.config import EvalConfig, JudgeConfig, TaskName
 from mgpt4.model.presets import get_preset
 
 # The DeepSpeed configs shipped in mgpt4/recipes (train.zero may also name a JSON file of one's own).
@@ -35,6 +36,15 @@ class DataConfig:
     shards: list[ShardSet] = field(default_factory=list, doc="stage 1: shard sets mixed by ratio")
     aligned: str | None = field(None, doc="stage 2: a cc_sbu_align-format folder (filter_cap.json + image/)")
     micro_batch_size: int = field(64, doc="samples per process per forward (official 64 stage 1, 12 stage 2)")
+    num_workers: int | None = field(
+        None,
+        doc="stage 1: processes per training process that read shards and decode images (0 = in the training "
+        "process; null = 0 without CUDA, else the official 4, fewer if cores are short); any value gives "
+        "the same batches",
+    )
+    prefetch: int | None = field(
+        None, doc="micro batches decoded ahead of the step (null = 2 with workers or CUDA, else 0)"
+    )
 
 
 @dataclasses.dataclass
@@ -78,6 +88,48 @@ class TrainConfig:
     plot: bool = field(True, doc="write RUN/loss.png at the end")
 
 
+def _as_in_eval(name: str) -> Any:
+    """``mgpt4 eval``'s field ``name`` (default and doc): the two commands' settings cannot drift apart."""
+    source = EvalConfig.__dataclass_fields__[name]
+    return dataclasses.field(
+        default=source.default, default_factory=source.default_factory, metadata=source.metadata
+    )
+
+
+@dataclasses.dataclass
+class FinalEvalConfig:
+    """An ``mgpt4 eval`` task run on the final checkpoint into RUN/eval/TASK; fields as in mgpt4 eval."""
+
+    task: TaskName | None = field(
+        None, doc="eval task run after the last step: captions, pope, vqa, judge or shapes (null = none)"
+    )
+    data: str | None = _as_in_eval("data")
+    images: str | None = _as_in_eval("images")
+    limit: int | None = _as_in_eval("limit")
+    batch_size: int = _as_in_eval("batch_size")
+    prompt: str | None = _as_in_eval("prompt")
+    prompt_style: Literal["describe", "chat"] = _as_in_eval("prompt_style")
+    generate: GenerateConfig = _as_in_eval("generate")
+    judge: JudgeConfig = _as_in_eval("judge")
+    meteor: bool = _as_in_eval("meteor")
+    device: str = _as_in_eval("device")
+
+    def eval_config(self, checkpoint: str, out: str) -> EvalConfig:
+        """The ``mgpt4 eval`` config of this task (set) on ``checkpoint``, written to ``out``."""
+        assert self.task is not None
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "task"}
+        return EvalConfig(task=self.task, checkpoint=checkpoint, out=out, **shared)
+
+    def validate(self) -> None:
+        """The option checks of ``mgpt4 eval`` (its data is read by ``check_paths``)."""
+        if self.task is None:
+            return
+        try:
+            self.eval_config(checkpoint="", out="").validate()
+        except UsageError as exc:
+            raise ConfigError(f"eval.{exc}") from exc
+
+
 @dataclasses.dataclass
 class TrainRunConfig:
     """``mgpt4 pretrain`` / ``mgpt4 finetune``."""
@@ -89,6 +141,9 @@ class TrainRunConfig:
     data: DataConfig = field(default_factory=DataConfig, doc="training data")
     optim: OptimConfig = field(default_factory=OptimConfig, doc="optimizer and schedule")
     train: TrainConfig = field(default_factory=TrainConfig, doc="loop settings")
+    eval: FinalEvalConfig = field(
+        default_factory=FinalEvalConfig, doc="an eval task run on the final checkpoint (off unless eval.task)"
+    )
 
     def validate(self) -> None:
         """Cheap checks that must fail before any process starts (exit code 2)."""
@@ -105,9 +160,17 @@ class TrainRunConfig:
         ):
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        for key, value in (
+            ("data.num_workers", self.data.num_workers),
+            ("data.prefetch", self.data.prefetch),
+        ):
+            if value is not None and value < 0:
+                raise ConfigError(
+                    f"{key}: must be 0 or more (or null for this machine's default), got {value}"
+                )
 
     def check_paths(self) -> None:
-        """Data and init paths exist and the preset is known (raises ``UsageError`` naming the key)."""
+        """Data and init paths exist, the preset is known, eval data parses (UsageError naming the key)."""
         try:
             get_preset(self.model.preset)
         except UsageError as exc:
@@ -139,3 +202,6 @@ class TrainRunConfig:
             raise UsageError(f"train.zero: {self.train.zero}: no such file")
         if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UsageError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
+        from mgpt4.train.final_eval import check_final_eval
+
+        check_final_eval(self)

@@ -1,13 +1,14 @@
 """Per-rank batch streams for both stages, exactly resumable from a small JSON state.
 
-Stage 1: the shard mixture (``mgpt4.data.shards.ShardMixture``), captions through ``blip_caption``
-plus ``"\\n"`` (MG stage-1 ``end_sym``), no text prompt.
+Stage 1: the shard mixture (``mgpt4.data.mixture.ShardMixture``), captions through ``blip_caption``
+plus ``"\\n"`` (MG stage-1 ``end_sym``), no text prompt. Its samples are read and decoded either in the
+training process or, with ``data.num_workers``, in worker processes that run ahead by ``data.prefetch``
+micro batches; the mixture decides the order and keeps the resume state, so both give the same batches.
 Stage 2: the aligned set in a seeded per-epoch permutation (each rank takes every world_size-th
 item, like ``DistributedSampler``), answer + the preset's end symbol, and one alignment instruction
 drawn per batch in the stage-2 template, as MG does.
 
-Batches are assembled in the training process (no DataLoader workers) because the resume state lives
-in these objects. On a GPU machine ``Prefetched`` builds the next batches on a background thread while
+Without workers, on a GPU machine ``Prefetched`` builds the next batches on a background thread while
 the model steps (JPEG decoding and PIL resizing release the GIL), and hands each batch over together
 with the stream state *after* it, so a checkpoint still resumes at exactly the first batch not yet
 trained on.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import os
 import queue
 import random
 import threading
@@ -27,7 +29,8 @@ import torch
 
 from mgpt4.conversation import draw_instruction, stage2_prompt
 from mgpt4.data.aligned import AlignedDataset
-from mgpt4.data.shards import ShardMixture, blip_caption, find_shards
+from mgpt4.data.mixture import ShardMixture
+from mgpt4.data.shards import blip_caption, find_shards
 from mgpt4.errors import DataError
 from mgpt4.model.presets import Preset
 from mgpt4.model.vision import image_transform
@@ -39,10 +42,14 @@ STAGE1_END = "\n"  # MG minigpt4.py default end_sym
 
 
 class CaptionBatches:
-    """Stage 1: endless micro batches from the shard mixture."""
+    """Stage 1: endless micro batches from the shard mixture (decoded by ``num_workers`` processes)."""
 
-    def __init__(self, cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int) -> None:
+    def __init__(
+        self, cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int, num_workers: int = 0,
+        prefetch: int = 0,
+    ) -> None:  # fmt: skip
         sets = [(find_shards(s.path), s.ratio) for s in cfg.data.shards]
+        self.batch_size = cfg.data.micro_batch_size
         self.mixture = ShardMixture(
             sets,
             seed=cfg.train.seed,
@@ -50,8 +57,10 @@ class CaptionBatches:
             world_size=world_size,
             transform=image_transform(preset.vision.image_size),
             text_processor=blip_caption,
+            num_workers=num_workers,
+            # Workers always run at least one batch ahead: decoding only on demand would serialise them.
+            prefetch=max(1, prefetch) * self.batch_size,
         )
-        self.batch_size = cfg.data.micro_batch_size
 
     def next_batch(self) -> dict[str, Any]:
         samples = [self.mixture.next_sample() for _ in range(self.batch_size)]
@@ -69,6 +78,10 @@ class CaptionBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mixture.load_state_dict(state["mixture"])
+
+    def close(self) -> None:
+        """Stop the decoding workers (if any)."""
+        self.mixture.close()
 
 
 class InstructionBatches:
@@ -145,24 +158,56 @@ class InstructionBatches:
         self.instruction_rng.setstate((version, tuple(internal), gauss))
         self._order = self._epoch_order()
 
+    def close(self) -> None:
+        """Nothing to release: images are read one at a time."""
+
 
 def make_batches(
-    cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int
+    cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int, num_workers: int = 0, prefetch: int = 0
 ) -> CaptionBatches | InstructionBatches:
-    """The batch stream for ``cfg.stage``."""
+    """The batch stream for ``cfg.stage`` (stage 1: decoded by ``num_workers``, ``prefetch`` ahead)."""
     if cfg.stage == 1:
-        return CaptionBatches(cfg, preset, rank, world_size)
+        return CaptionBatches(cfg, preset, rank, world_size, num_workers, prefetch)
     return InstructionBatches(cfg, preset, rank, world_size)
 
 
 def make_prefetched_batches(cfg: TrainRunConfig, preset: Preset, rank: int, world_size: int) -> Prefetched:
-    """``make_batches``, built ahead on a background thread when the model steps on a GPU.
+    """``make_batches`` with this machine's loader settings (``loader_settings``)."""
+    workers, prefetch = loader_settings(cfg)
+    if cfg.stage == 1:
+        log.info("stage-1 data: %d loader workers per process, %d batches ahead", workers, prefetch)
+        batches = make_batches(cfg, preset, rank, world_size, workers, prefetch)
+        return Prefetched(batches, depth=0 if workers else prefetch)
+    return Prefetched(make_batches(cfg, preset, rank, world_size), depth=prefetch)
 
-    On a CPU-only machine the step already keeps every core busy: measured on 2 cores (micro
-    stage 1, 300 steps), a prefetch thread made the run 6-14% slower, so there it stays off.
+
+# The official stage-1 config decodes in 4 DataLoader workers per GPU (MG train_configs/
+# minigpt4_stage1_pretrain.yaml, run.num_workers). On a CPU-only machine the step's intra-op threads use
+# every core, so workers are opt-in there. On 2 busy cores with 1 thread (bench/results/
+# train_loader_cpu_1thread.json) micro stage 1 ran at 62 samples/s in-process vs 95 with 2 workers, while
+# an earlier run of the same bench (workers sending images through torch's queues) had 160 vs 157.
+OFFICIAL_WORKERS = 4
+
+
+def loader_settings(cfg: TrainRunConfig) -> tuple[int, int]:
+    """``(workers, batches decoded ahead)`` for each process: the config's, or what suits this machine.
+
+    ``data.num_workers`` unset: none without CUDA; with CUDA the official 4, fewer when this machine has
+    fewer cores per training process (DeepSpeed's launcher sets ``LOCAL_SIZE``), keeping one for the
+    step. ``data.prefetch`` unset: 2 batches with workers or CUDA (a 6-14% slower CPU run with a
+    prefetch thread on 2 cores, measured for micro stage 1 over 300 steps), else 0.
     """
-    depth = 2 if torch.cuda.is_available() else 0
-    return Prefetched(make_batches(cfg, preset, rank, world_size), depth=depth)
+    workers = cfg.data.num_workers if cfg.stage == 1 else 0  # stage 2 reads its few images in-process
+    if workers is None:
+        workers = 0
+        if torch.cuda.is_available():
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            per_process = cores // max(1, int(os.environ.get("LOCAL_SIZE", "1")))
+            workers = max(0, min(OFFICIAL_WORKERS, per_process - 1))
+    prefetch = cfg.data.prefetch
+    if prefetch is None:
+        prefetch = 2 if workers or torch.cuda.is_available() else 0
+    return workers, prefetch
 
 
 class Prefetched:
@@ -180,6 +225,7 @@ class Prefetched:
         self._state = copy.deepcopy(batches.state_dict())
         self._skipped = batches.skipped
         self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def _produce(self) -> None:
@@ -203,7 +249,8 @@ class Prefetched:
             return self.batches.next_batch()
         if self._queue is None:
             self._queue = queue.Queue(maxsize=self.depth)
-            threading.Thread(target=self._produce, name="mgpt4-batches", daemon=True).start()
+            self._thread = threading.Thread(target=self._produce, name="mgpt4-batches", daemon=True)
+            self._thread.start()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -211,8 +258,11 @@ class Prefetched:
         return batch
 
     def close(self) -> None:
-        """Stop the producer thread (batches built ahead are dropped)."""
+        """Stop the producer thread (batches built ahead are dropped) and the stream's workers."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)  # it finishes the batch it is building
+        self.batches.close()
 
     @property
     def skipped(self) -> dict[str, int]:

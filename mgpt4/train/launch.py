@@ -28,7 +28,7 @@ from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.launch_options import LaunchOptions
 from mgpt4.train.metrics import StepProgress, read_metrics, truncate_metrics
-from mgpt4.train.resume import apply_plan, plan_resume
+from mgpt4.train.resume import apply_plan, checkpoints_dir, plan_resume
 from mgpt4.train.run_dir import RunLock, check_same_settings, prepare_run_dir
 
 log = logging.getLogger("mgpt4.train")
@@ -48,11 +48,15 @@ class TrainSummary:
     final_loss: float | None
     skipped_samples: dict[str, int] | None = None  # by reason; known when training ran in this process
     already_finished: bool = False  # the run was at train.max_steps already: nothing trained
+    eval: dict[str, dict[str, Any]] | None = None  # eval.task's metrics on the final checkpoint: {task: …}
+    eval_out: str | None = None  # where that eval wrote its answers and report (RUN/eval/TASK)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if not self.already_finished:
             del data["already_finished"]
+        if self.eval is None:
+            del data["eval"], data["eval_out"]
         return data
 
 
@@ -62,7 +66,9 @@ def run_training(
     """Validate, lock the run, pick the resume point, train (here or through the launcher).
 
     ``mgpt4 pretrain`` (``cfg.stage`` 1) and ``mgpt4 finetune`` (stage 2). A run already at
-    ``train.max_steps`` returns its summary with ``already_finished`` and trains nothing.
+    ``train.max_steps`` trains nothing and returns its summary with ``already_finished``. With
+    ``eval.task`` the final checkpoint is then evaluated (``mgpt4.train.final_eval``), also when the run
+    had finished before (the eval resumes, or redoes nothing), and the summary holds its metrics.
 
     Args:
         cfg: the resolved config.
@@ -72,7 +78,7 @@ def run_training(
 
     Raises:
         ConfigError / UsageError (exit 2): before anything is written or started; Mgpt4Error: the
-            launched processes failed.
+            launched processes failed, or the final eval did (the checkpoint is saved).
     """
     launch = launch or LaunchOptions()
     cfg.validate()
@@ -84,7 +90,8 @@ def run_training(
         if plan.folder is not None:
             check_same_settings(cfg, run)
             if plan.step >= cfg.train.max_steps:
-                return _summary(run, cfg, plan.step, launch, already_finished=True)
+                summary = _summary(run, cfg, plan.step, launch, already_finished=True)
+                return _with_final_eval(summary, cfg, run, plan.folder, plan.step)
             processes = launch.gpus * (launch.num_nodes or 1)
             if launch.hostfile is None and processes != plan.world_size:
                 raise UsageError(
@@ -95,7 +102,10 @@ def run_training(
         truncate_metrics(run, plan.step)  # lines of steps after the checkpoint are trained again
         command = "pretrain" if cfg.stage == 1 else "finetune"
         header = f"mgpt4 {command} --config {run / 'config.yaml'}"
-        config_path = save_config(cfg, run / "config.yaml", header=header)
+        # The judge's API key stays in the environment or the recipe, never in the run directory.
+        saved = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, judge=dataclasses.replace(
+            cfg.eval.judge, key=None)))  # fmt: skip
+        config_path = save_config(saved, run / "config.yaml", header=header)
         if not launch.distributed:
             from mgpt4.train.engine import run_worker
 
@@ -103,23 +113,37 @@ def run_training(
             summary = _summary(run, cfg, plan.step, launch)
             summary.final_loss = result["final_loss"]
             summary.skipped_samples = result["skipped_samples"]
-            return summary
-        # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2) so
-        # that stdout holds only the summary (--json).
-        env = {**os.environ, WATCH_PID_ENV: str(os.getpid())}
-        command_line = launcher_command(launch, config_path, plan.folder)
-        result = subprocess.run(command_line, stdout=2, env=env, check=False)
-        if result.returncode != 0:
-            raise Mgpt4Error(f"training processes exited with code {result.returncode}; see the log above")
-        return _summary(run, cfg, plan.step, launch)
+        else:
+            # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2)
+            # so that stdout holds only the summary (--json).
+            env = {**os.environ, WATCH_PID_ENV: str(os.getpid())}
+            command_line = launcher_command(launch, config_path, plan.folder)
+            launched = subprocess.run(command_line, stdout=2, env=env, check=False)
+            if launched.returncode != 0:
+                raise Mgpt4Error(
+                    f"training processes exited with code {launched.returncode}; see the log above"
+                )
+            summary = _summary(run, cfg, plan.step, launch)
+        final = checkpoints_dir(run) / f"step-{cfg.train.max_steps}"
+        return _with_final_eval(summary, cfg, run, final, cfg.train.max_steps)
+
+
+def _with_final_eval(summary: TrainSummary, cfg: TrainRunConfig, run: Path, checkpoint: Path,
+                     step: int) -> TrainSummary:  # fmt: skip
+    if cfg.eval.task is None:
+        return summary
+    from mgpt4.train.final_eval import run_final_eval
+
+    summary.eval, summary.eval_out = run_final_eval(cfg, run, checkpoint, step)
+    return summary
 
 
 def _summary(run: Path, cfg: TrainRunConfig, resumed_from: int, launch: LaunchOptions,
              already_finished: bool = False) -> TrainSummary:  # fmt: skip
-    metrics = read_metrics(run)
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]  # eval lines hold none
     return TrainSummary(
         run=str(run), steps=cfg.train.max_steps, resumed_from=resumed_from,
-        processes=launch.gpus * (launch.num_nodes or 1), final_loss=metrics[-1]["loss"] if metrics else None,
+        processes=launch.gpus * (launch.num_nodes or 1), final_loss=losses[-1] if losses else None,
         already_finished=already_finished,
     )  # fmt: skip
 

@@ -126,7 +126,7 @@ def plot_loss(run: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = read_metrics(run)
+    metrics = [m for m in read_metrics(run) if "loss" in m]  # eval lines ({"step", "eval"}) have none
     out = Path(out) if out else Path(run) / "loss.png"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.5)

@@ -19,12 +19,14 @@ from mgpt4.train.config import TrainRunConfig
 
 LOCK_FILE = ".lock"
 
-# Settings a resumed run may change: how long it runs and what it writes besides the checkpoints.
+# Settings a resumed run may change: how long it runs, how its data is decoded (workers decode the same
+# batches as the training process), what it writes besides the checkpoints, and its final eval.
 # Everything else decides what the checkpoint holds or which batches come next.
 RESUME_MAY_CHANGE = frozenset(
     {"out", "train.max_steps", "train.log_every", "train.save_every", "train.keep_last", "train.tensorboard",
-     "train.plot"}
+     "train.plot", "data.num_workers", "data.prefetch"}
 )  # fmt: skip
+RESUME_MAY_CHANGE_SECTIONS = ("eval.",)
 
 
 def prepare_run_dir(out: str) -> Path:
@@ -85,7 +87,7 @@ class RunLock:
 
 
 def check_same_settings(cfg: TrainRunConfig, run: Path) -> None:
-    """A resume must use the settings the run was saved with, except ``RESUME_MAY_CHANGE``.
+    """A resume must use the settings the run was saved with, except ``RESUME_MAY_CHANGE`` and ``eval.*``.
 
     Raises:
         UsageError: naming the first differing keys, before anything in the run is written.
@@ -95,7 +97,8 @@ def check_same_settings(cfg: TrainRunConfig, run: Path) -> None:
         return
     saved = _flatten(to_dict(load_config(TrainRunConfig, saved_path)))
     wanted = _flatten(to_dict(cfg))
-    differ = [key for key in wanted if key not in RESUME_MAY_CHANGE and wanted[key] != saved.get(key)]
+    fixed = [k for k in wanted if k not in RESUME_MAY_CHANGE and not k.startswith(RESUME_MAY_CHANGE_SECTIONS)]
+    differ = [key for key in fixed if wanted[key] != saved.get(key)]
     if differ:
         changes = ", ".join(f"{key}={saved.get(key)!r} (now {wanted[key]!r})" for key in differ[:3])
         raise UsageError(

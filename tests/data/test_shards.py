@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from mgpt4.data.images import ImageReadError, shard_sources
-from mgpt4.data.shards import ShardMixture, blip_caption, find_shards, iter_shard_images
+from mgpt4.data.mixture import ShardMixture
+from mgpt4.data.shards import blip_caption, find_shards, iter_shard_images
 from mgpt4.errors import DataError, UsageError
 from tests.helpers.bad_images import BIG_BOMB, bomb_png, write_damaged_shards
 

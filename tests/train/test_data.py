@@ -14,7 +14,7 @@ from mgpt4.errors import DataError
 from mgpt4.model.build import build_model
 from mgpt4.model.presets import get_preset
 from mgpt4.train.config import TrainRunConfig
-from mgpt4.train.data import Prefetched, make_batches
+from mgpt4.train.data import Prefetched, loader_settings, make_batches
 from mgpt4.train.engine import _param_groups
 
 PRESET = get_preset("micro")
@@ -149,3 +149,26 @@ def test_weight_decay_groups_follow_the_official_rule():
         p.numel() for p in model.parameters() if p.requires_grad
     )
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cores", "local_size", "overrides", "expected"),
+    [
+        (False, 2, None, [], (0, 0)),  # CPU only: decode in the training process, nothing ahead
+        (True, 64, None, [], (4, 2)),  # one GPU process: the official 4 workers
+        (True, 16, "8", [], (1, 2)),  # 8 GPUs on 16 cores: 2 cores per process, one left for the step
+        (True, 8, "8", [], (0, 2)),  # 1 core per process: decode in-process, on the prefetch thread
+        (False, 2, None, ["data.num_workers=3"], (3, 2)),  # asked for: workers run 2 batches ahead
+        (False, 2, None, ["data.num_workers=2", "data.prefetch=5"], (2, 5)),
+        (True, 64, None, ["stage=2"], (0, 2)),  # stage 2: in-process, 2 batches ahead on a thread
+    ],
+)
+def test_loader_settings_fit_the_machine(cuda, cores, local_size, overrides, expected, data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    if local_size is None:
+        monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_SIZE", local_size)
+    cfg = load_config(TrainRunConfig, "micro_stage1", [f"data.shards=[{{path: {data[0]}}}]", *overrides])
+    assert loader_settings(cfg) == expected

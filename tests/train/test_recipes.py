@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mgpt4.config import builtin_recipes, load_config
+from mgpt4.config import builtin_recipes, from_dict, load_config, parse_yaml, read_recipe
 from mgpt4.errors import ConfigError, UsageError
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.engine import deepspeed_config
@@ -95,3 +95,12 @@ def test_tensorboard_without_its_package_is_a_usage_error(tmp_path, monkeypatch)
     cfg = load_config(TrainRunConfig, "micro_stage2", [f"data.aligned={aligned}", "train.tensorboard=true"])
     with pytest.raises(UsageError, match="train.tensorboard: needs the tensorboard package"):
         cfg.check_paths()
+
+
+def test_the_commented_eval_example_of_micro_stage2_is_a_valid_section():
+    text = builtin_recipes()["micro_stage2"].read_text()
+    example = text[text.index("# eval:") :].splitlines()
+    section = parse_yaml("\n".join(line.removeprefix("# ") for line in example if line.startswith("# ")))
+    cfg = from_dict(TrainRunConfig, {**read_recipe("micro_stage2"), **section})
+    assert cfg.eval.task == "shapes" and cfg.eval.limit == 50
+    assert load_config(TrainRunConfig, "micro_stage2").eval.task is None  # off unless asked for
