@@ -109,6 +109,7 @@ def build_model(
         UsageError: unknown preset or trainable group; CheckpointError: any weight file problem.
     """
     preset = get_preset(cfg.preset)
+    cfg = _with_package_paths(cfg)
     llm, tokenizer = _build_llm(cfg, tokenizer_dir)
     model = MiniGPT4(preset, llm, tokenizer, max_txt_len=cfg.max_txt_len)
     if cfg.vision_weights:
@@ -120,6 +121,14 @@ def build_model(
     model.set_trainable(cfg.trainable)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model.to(device=device, dtype=resolve_dtype(cfg.dtype, device))
+
+
+def _with_package_paths(cfg: ModelConfig) -> ModelConfig:
+    """``mgpt4:…`` weight paths resolved to the installed package's files (saved configs keep the name)."""
+    names = ("vision_weights", "qformer_weights", "proj_weights", "llm_path")
+    paths = {name: getattr(cfg, name) for name in names}
+    resolved = {name: str(checkpoints.resolve_path(path)) for name, path in paths.items() if path}
+    return dataclasses.replace(cfg, **resolved)
 
 
 # --------------------------------------------------------------------------------------------------
