@@ -365,16 +365,20 @@ def _curate_summary(summary: dict[str, Any], as_json: bool, quiet: bool) -> None
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @config_options
-@click.option("--quick", is_flag=True, help="smaller and faster (about 2 minutes), as CI runs it")
+@click.option("--quick", is_flag=True, help="smaller and faster (about 90 s), as CI runs it")
+@click.option("--from-scratch", is_flag=True,
+              help="train every module of a fresh micro model, not only llama_proj between the shipped "
+              "pretrained micro ViT and LLM (for comparison)")  # fmt: skip
 @click.option("--out", default=None, help="output folder  [default: runs/demo]")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--quiet", "-q", is_flag=True, help="warnings only on stderr")
-def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, out: str | None, as_json: bool,
-         quiet: bool) -> None:  # fmt: skip
+def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, from_scratch: bool,
+         out: str | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """The whole lifecycle on the built-in shapes data set, on CPU, with a measured score.
 
-    download (loopback HTTP) → pretrain → curate → finetune → describe + score. Leaves RUN/stage2 for
-    `mgpt4 describe --model runs/demo/stage2 IMG` and `mgpt4 chat --model runs/demo/stage2`.
+    download (loopback HTTP) → pretrain → curate → finetune → describe + score. As in MiniGPT-4, only
+    llama_proj trains, between the shipped micro ViT and LLM (pretrained separately, frozen). Leaves
+    RUN/stage2 for `mgpt4 describe --model runs/demo/stage2 IMG` and `mgpt4 chat --model runs/demo/stage2`.
     """
     from mgpt4.config import load_config
     from mgpt4.console import setup_logging
@@ -382,7 +386,8 @@ def demo(config_path: str | None, overrides: tuple[str, ...], quick: bool, out: 
     from mgpt4.demo_report import render_demo, stage_banner
 
     setup_logging(quiet or as_json)
-    extra = (["quick=true"] if quick else []) + ([f"out={out}"] if out else [])
+    extra = (["quick=true"] if quick else []) + (["from_scratch=true"] if from_scratch else [])
+    extra += [f"out={out}"] if out else []
     cfg = load_config(DemoConfig, config_path, [*overrides, *extra])
     import contextlib
     import sys

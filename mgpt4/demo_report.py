@@ -36,9 +36,28 @@ def render_demo(summary: dict[str, Any], console: Console) -> None:
         table.add_column(column, justify="right")
     table.add_row(*(f"{score[k]:.2f}" for k in keys))
     console.print(table)
+    console.print(_examples(summary))
+    stage1 = summary["parameters"]["stage1"]
+    how = (
+        "every module of a fresh micro model trained"
+        if summary["from_scratch"]
+        else "only llama_proj trained, the shipped micro ViT and LLM stayed frozen (--from-scratch compares)"
+    )
     console.print(
-        "The micro preset trains every module from scratch (no pretrained micro ViT/LLM exists); with the "
-        "official presets only llama_proj trains.\n"
+        f"{stage1['trained']:,} of {stage1['total']:,} parameters trained in stage 1: {how}.\n"
         f"Try: mgpt4 describe --model {summary['out']}/stage2 {summary['example_image']}\n"
         f"     mgpt4 chat --model {summary['out']}/stage2"
-    )
+    )  # fmt: skip
+
+
+def _examples(summary: dict[str, Any]) -> Table:
+    """The example image answered by the stage-1 model (own format, chat template) and by stage 2."""
+    table = Table(title=f"one test image: {summary['example_reference']}", title_justify="left")
+    table.add_column("model")
+    table.add_column("prompt")
+    table.add_column("answer")
+    for example in summary["examples"]:
+        table.add_row(
+            example["model"].replace("stage", "stage "), repr(example["prompt"])[1:-1], example["answer"]
+        )
+    return table
