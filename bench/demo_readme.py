@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mgpt4.demo import ATTRIBUTES
-from mgpt4.demo_report import render_demo
+from mgpt4.cli.demo import render_demo
+from mgpt4.data.synthetic import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

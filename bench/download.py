@@ -2,6 +2,7 @@
 
     python bench/download.py                      # 5,000 images, 2 processes x 16 threads, 224 px
     python bench/download.py --images 1000 --repeat 2
+    python bench/download.py --distributor ray    # mgpt4 on a local Ray cluster vs mgpt4's own processes
 
 One HTTP/1.1 server on 127.0.0.1 (in this process, in threads) serves N real JPEGs of random sizes
 (~50 KB each). img2dataset is installed into its own venv (bench/.venv-img2dataset, git-ignored) on
@@ -11,6 +12,14 @@ images/s = successful images / wall-clock seconds of the whole command (start-up
 successes counted from the *_stats.json files both tools write. Prints both rates and the ratio.
 img2dataset runs with its own defaults otherwise (e.g. EXIF extraction and sha256 on, as a user gets).
 ``--no-keep-alive`` makes the server close every connection, taking connection reuse out of the race.
+
+``--distributor ray`` compares the engines instead of the tools: the same mgpt4 command with one Ray task
+per shard against its local worker processes, twice: ``ray`` starts a local cluster of ``--processes``
+CPUs inside the command (what a one-machine user pays), ``ray-cluster`` joins one started beforehand with
+``ray start --head`` (what a multi-node user's command pays: the cluster outlives it). Besides the whole
+command's wall clock it prints the rate over the
+shards' own span (first shard start to last shard end, from the _stats.json files), which is what a
+long run converges to. ``--save FILE`` writes the numbers and the machine's load as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -138,6 +148,12 @@ def count_successes(folder: Path) -> tuple[int, int]:
     return ok, rows
 
 
+def shard_span(folder: Path) -> float:
+    """Seconds from the first shard's start to the last shard's end (mgpt4's _stats.json files)."""
+    stats = [json.loads(f.read_text()) for f in folder.glob("*_stats.json")]
+    return max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats) if stats else 0.0
+
+
 def timed(cmd: list[str], out: Path, env: dict[str, str]) -> tuple[float, int, int]:
     """Run ``cmd`` into an empty ``out``; returns (wall seconds, successes, rows)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -148,6 +164,107 @@ def timed(cmd: list[str], out: Path, env: dict[str, str]) -> tuple[float, int, i
         sys.exit(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     ok, rows = count_successes(out)
     return seconds, ok, rows
+
+
+def mgpt4_command(args: argparse.Namespace, url_list: Path, out: Path, *extra: str) -> list[str]:
+    """``mgpt4 download`` with the benchmark's list, size, shards and parallelism."""
+    ours = (
+        f"{Path(sys.executable).parent / 'mgpt4'} download {url_list} -o {out} "
+        f"--processes {args.processes} --threads {args.threads} --image-size {args.image_size} "
+        f"--resize-mode border --jpeg-quality 95 --shard-size {args.shard_size} --timeout 10 --quiet"
+    )
+    return [*ours.split(), *extra]
+
+
+def start_ray_cluster(cpus: int) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on a free port, as a cluster exists before a multi-node user's command.
+
+    ``--block`` keeps the head in the foreground, so terminating it stops only this cluster (``ray stop``
+    would stop every Ray process on the machine).
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [
+        ray,
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={cpus}",
+        "--include-dashboard=false",
+    ]
+    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(5)  # the GCS answers before the raylet has registered its CPUs
+                return head, f"127.0.0.1:{port}"
+        time.sleep(0.5)
+    head.kill()
+    sys.exit("ray start --head did not open its port within 120 s")
+
+
+def compare_distributors(args: argparse.Namespace, url_list: Path, env: dict[str, str]) -> None:
+    """mgpt4 on a local Ray cluster vs mgpt4's local processes: wall clock and shard-span rates."""
+    load_before = os.getloadavg()
+    head, _ = start_ray_cluster(args.processes)
+    modes = {
+        "processes": (),
+        "ray": ("--distributor", "ray"),
+        # "auto" as the README's recipe: the newest cluster started on this machine (ours), joined with
+        # the token Ray >= 2.59 sets up for `ray start` clusters; an explicit HOST:PORT also needs
+        # RAY_AUTH_MODE=token in the environment.
+        "ray-cluster": ("--distributor", "ray", "--ray-address", "auto"),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+    try:
+        for run in range(args.repeat):
+            for name, extra in modes.items():
+                out = args.work / f"mgpt4-{name}"
+                seconds, ok, rows = timed(mgpt4_command(args, url_list, out, *extra), out, env)
+                span = shard_span(out)
+                runs[name].append({"seconds": seconds, "span": span, "ok": ok, "rows": rows})
+                print(
+                    f"run {run + 1} {name:<11} {seconds:7.2f} s wall ({ok / seconds:7.1f} img/s), "
+                    f"shards span {span:6.2f} s ({ok / span:7.1f} img/s), {ok}/{rows} ok",
+                    flush=True,
+                )
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head and the workers it started
+        head.wait()
+
+    def best_rate(name: str, time_key: str) -> float:
+        return max(r["ok"] / r[time_key] for r in runs[name])
+
+    wall_ratio = best_rate("ray", "seconds") / best_rate("processes", "seconds")
+    cluster_ratio = best_rate("ray-cluster", "seconds") / best_rate("processes", "seconds")
+    span_ratio = best_rate("ray", "span") / best_rate("processes", "span")
+    load_after = os.getloadavg()
+    print(
+        f"\n{args.images} images, {args.processes} CPUs x {args.threads} threads, {args.image_size} px "
+        f"border, shard size {args.shard_size}, {os.cpu_count()} CPU cores, load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(f"ratio ray / processes, whole command (Ray start-up included): {wall_ratio:.2f}x")
+    print(f"ratio ray / processes, whole command joining a running cluster: {cluster_ratio:.2f}x")
+    print(f"ratio ray / processes, over the shards' span:                 {span_ratio:.2f}x")
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        result = {
+            "benchmark": "bench/download.py --distributor ray",
+            "images": args.images, "processes": args.processes, "threads": args.threads,
+            "image_size": args.image_size, "shard_size": args.shard_size, "cpu_count": os.cpu_count(),
+            "load_average_before": load_before, "load_average_after": load_after,
+            "runs": runs, "ratio_wall": wall_ratio, "ratio_wall_running_cluster": cluster_ratio,
+            "ratio_shard_span": span_ratio,
+        }  # fmt: skip
+        args.save.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {args.save}")
 
 
 def commands(
@@ -162,12 +279,8 @@ def commands(
         f"--encode_quality 95 --number_sample_per_shard {args.shard_size} --timeout 10 "
         "--enable_wandb False --distributor multiprocessing"
     )
-    ours = (
-        f"{Path(sys.executable).parent / 'mgpt4'} download {url_list} -o {mgpt4_out} "
-        f"--processes {args.processes} --threads {args.threads} --image-size {args.image_size} "
-        f"--resize-mode border --jpeg-quality 95 --shard-size {args.shard_size} --timeout 10 --quiet"
-    )
-    return {"img2dataset": (i2d.split(), i2d_out), "mgpt4": (ours.split(), mgpt4_out)}
+    ours = mgpt4_command(args, url_list, mgpt4_out)
+    return {"img2dataset": (i2d.split(), i2d_out), "mgpt4": (ours, mgpt4_out)}
 
 
 def report(args: argparse.Namespace, best: dict[str, tuple[float, int, int]]) -> None:
@@ -198,9 +311,14 @@ def main() -> None:
     parser.add_argument("--no-keep-alive", action="store_true", help="server closes every connection")
     parser.add_argument("--venv", type=Path, default=HERE / ".venv-img2dataset")
     parser.add_argument("--work", type=Path, default=HERE / "out" / "download")
+    parser.add_argument(
+        "--distributor", choices=["multiprocessing", "ray"], default="multiprocessing",
+        help="ray: compare mgpt4 on a local Ray cluster with mgpt4's local processes (not img2dataset)",
+    )  # fmt: skip
+    parser.add_argument("--save", type=Path, help="write the numbers as JSON (e.g. bench/results/NAME.json)")
     args = parser.parse_args()
 
-    img2dataset = ensure_img2dataset(args.venv)
+    img2dataset = None if args.distributor == "ray" else ensure_img2dataset(args.venv)
     images = make_images(args.images, args.seed, args.work.parent)
     print(f"{len(images)} images, mean {sum(map(len, images)) / len(images) / 1024:.1f} KB", flush=True)
     server, base = serve(images, keep_alive=not args.no_keep_alive)
@@ -212,6 +330,10 @@ def main() -> None:
     )
 
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    if args.distributor == "ray":
+        compare_distributors(args, url_list, env)
+        server.shutdown()
+        return
     best: dict[str, tuple[float, int, int]] = {}
     for run in range(args.repeat):
         for name, (cmd, out) in commands(args, url_list, img2dataset).items():

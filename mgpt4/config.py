@@ -1,7 +1,7 @@
 """Typed dataclass configs: YAML recipe → dotted overrides → coercion → validation → saved YAML.
 
 Every command has one top-level dataclass (nested by concern). Each field carries a one-line ``doc``
-in its metadata; ``describe_fields`` turns those into ``--help`` text and recipe comments.
+in its metadata; ``mgpt4.cli.options`` turns fields into flags whose help is that doc and the default.
 
     cfg = load_config(TrainRunConfig, "recipes/micro_stage1.yaml", ["train.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -40,9 +41,51 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text safely (no code, YAML 1.2 booleans)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+def parse_yaml(text: str, source: str | None = None) -> Any:
+    """Parse YAML text safely (no code, YAML 1.2 booleans).
+
+    Args:
+        text: the YAML.
+        source: what the text is (a file, ``/set KEY``); when given, bad YAML — including a tag such
+            as ``!!python/object``, which the safe loader refuses — raises ``ConfigError`` naming it.
+            Without it the ``yaml.YAMLError`` propagates.
+    """
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)})") from exc
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (``line 2, column 5: …``)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file holding a mapping (a recipe, a saved ``config.yaml``); every failure names the file.
+
+    Raises:
+        ConfigError: unreadable, not UTF-8, not valid (safe) YAML, or not a mapping.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text: {exc.reason}"
+        raise ConfigError(f"{file}: cannot read ({reason})") from exc
+    data = parse_yaml(text, source=str(file))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -80,9 +123,18 @@ class ModelConfig:
         default_factory=lambda: ["proj"], doc="modules that train: any of proj, qformer, vision, llm"
     )
     grad_checkpointing: bool = field(True, doc="recompute frozen ViT and LLM activations in backward")
-    attn_implementation: str = field("sdpa", doc="LLM attention kernel: sdpa, eager or flash_attention_2")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        "sdpa", doc="LLM attention kernel: sdpa, eager or flash_attention_2"
+    )
     max_txt_len: int = field(32, doc="max target tokens per sample (official: 32 stage 1, 160 stage 2)")
-    dtype: str = field("auto", doc="weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", doc="weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"
+    )
+    quantize: Literal["none", "int8", "nf4"] = field(
+        "none",
+        doc="load the frozen LLM quantized by bitsandbytes (int8 = official low_resource, nf4 = 4-bit); "
+        "needs pip install -e '.[quant]'",
+    )
 
 
 @dataclasses.dataclass
@@ -101,6 +153,35 @@ class GenerateConfig:
     )
     seed: int = field(42, doc="random seed for sampling")
 
+    def validate(self) -> None:
+        """Refuse settings generation would fail on (or silently misuse), naming the key.
+
+        Runs whenever a config embedding this is loaded, and on chat's ``/set``.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        numbers = {"temperature": self.temperature, "top_p": self.top_p,
+                   "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        for key, value in numbers.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"generate.{key}: must be a finite number, got {value}")
+        problems = {
+            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+            "num_beams": (self.num_beams >= 1, "at least 1 (1 = no beam search)"),
+            "max_length": (self.max_length >= 1, "at least 1"),
+            # HF refuses temperature <= 0 when sampling; greedy decoding is do_sample=false (--greedy).
+            "temperature": (self.temperature > 0, "above 0 (for greedy decoding set do_sample=false)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "repetition_penalty": (self.repetition_penalty > 0, "above 0 (1.0 = no penalty)"),
+            "seed": (-(2**63) <= self.seed < 2**64, "within torch.manual_seed's range [-2^63, 2^64)"),
+        }
+        for key, (ok, wanted) in problems.items():
+            if not ok:
+                raise ConfigError(f"generate.{key}: must be {wanted}, got {getattr(self, key)}")
+        if not all(self.stop):
+            raise ConfigError(f"generate.stop: every stop string must be non-empty, got {self.stop}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading: YAML → overrides → coercion → validation
@@ -118,20 +199,20 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=3e-5)")
-        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else raw)
+        try:
+            value = parse_yaml(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {key.strip()}: not valid YAML ({problem}) in {raw!r}; fix the value or quote it"
+            ) from exc
+        _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe YAML from a path, or a built-in one by name (``micro_stage1``)."""
-    file = resolve_recipe_path(path)
-    try:
-        data = parse_yaml(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: a recipe must be a mapping of keys to values")
-    return data
+    return read_yaml_file(resolve_recipe_path(path))
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -258,7 +339,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Saving and describing
+# Saving
 # --------------------------------------------------------------------------------------------------
 
 
@@ -278,15 +359,3 @@ def save_config(cfg: Any, path: str | os.PathLike, header: str | None = None) ->
     tmp.write_text(text)
     tmp.replace(path)
     return path
-
-
-def describe_fields(cls: type, prefix: str = "") -> Iterable[tuple[str, str, Any]]:
-    """Yield (dotted key, doc, default) for every leaf field of a config class."""
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield from describe_fields(hint, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f.metadata.get("doc", ""), getattr(defaults, f.name)

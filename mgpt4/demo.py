@@ -31,12 +31,12 @@ from typing import Any
 from mgpt4 import conversation
 from mgpt4.config import GenerateConfig, ModelConfig, field, load_config, save_config
 from mgpt4.data import synthetic
+from mgpt4.data.synthetic import ATTRIBUTES
 from mgpt4.errors import Mgpt4Error, UsageError
 
 log = logging.getLogger("mgpt4.demo")
 
 MARKER = "demo.yaml"
-ATTRIBUTES = ("shape", "colour", "position", "count")  # the demo's accuracy is their mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +102,32 @@ class StageResult:
     detail: str
 
 
-def run_demo(
-    cfg: DemoConfig, on_stage: Callable[[str, str], None] = lambda name, what: None
-) -> dict[str, Any]:
-    """Run all five stages into ``cfg.out``; returns the summary (also saved as ``score.json``)."""
+@dataclasses.dataclass
+class DemoSummary:
+    """Every stage's time and result, and the score on the test images (saved as ``score.json``)."""
+
+    out: str
+    quick: bool
+    from_scratch: bool
+    sizes: dict[str, Any]  # the resolved stage sizes (`SIZES` of the mode unless set)
+    stages: list[StageResult]
+    total_seconds: float
+    parameters: dict[str, dict[str, int]]  # stage1/stage2 → {"trained": n, "total": n}
+    example_image: str
+    example_reference: str  # the data set's exact description of example_image
+    examples: list[dict[str, str]]  # example_image answered by each model: {"model", "prompt", "answer"}
+    score: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Called with (stage name, what it does) as each stage starts.
+StageProgress = Callable[[str, str], None]
+
+
+def run_demo(cfg: DemoConfig, progress: StageProgress | None = None) -> DemoSummary:
+    """Run all five stages into ``cfg.out`` through the commands' own ``run_*`` functions."""
     cfg = cfg.resolved()
     out = _prepare_output(Path(cfg.out))
     save_config(cfg, out / MARKER, header="mgpt4 demo")
@@ -120,7 +142,8 @@ def run_demo(
     trained: dict[str, dict[str, int]] = {}
 
     def stage(name: str, what: str, work: Callable[[], str]) -> None:
-        on_stage(name, what)
+        if progress is not None:
+            progress(name, what)
         started = time.monotonic()
         detail = work()
         stages.append(StageResult(name, time.monotonic() - started, detail))
@@ -158,20 +181,20 @@ def run_demo(
     scores: dict[str, Any] = {}
     stage("describe", f"{cfg.test_images} test images, greedy, scored per attribute",
           lambda: _describe_and_score(out, test_samples, scores))  # fmt: skip
-    summary = {
-        "out": str(out),
-        "quick": cfg.quick,
-        "from_scratch": cfg.from_scratch,
-        "sizes": {name.name: getattr(cfg, name.name) for name in dataclasses.fields(_Sizes)},
-        "stages": [dataclasses.asdict(s) for s in stages],
-        "total_seconds": sum(s.seconds for s in stages),
-        "parameters": trained,
-        "example_image": str(out / "data" / "test" / f"{test_samples[0].key}.jpg"),
-        "example_reference": test_samples[0].detailed,
-        "examples": _examples(out, test_samples[0].key),
-        "score": scores,
-    }
-    (out / "score.json").write_text(json.dumps(summary, indent=2))
+    summary = DemoSummary(
+        out=str(out),
+        quick=cfg.quick,
+        from_scratch=cfg.from_scratch,
+        sizes={name.name: getattr(cfg, name.name) for name in dataclasses.fields(_Sizes)},
+        stages=stages,
+        total_seconds=sum(s.seconds for s in stages),
+        parameters=trained,
+        example_image=str(out / "data" / "test" / f"{test_samples[0].key}.jpg"),
+        example_reference=test_samples[0].detailed,
+        examples=_examples(out, test_samples[0].key),
+        score=scores,
+    )
+    (out / "score.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary
 
 
@@ -210,7 +233,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def _download(out: Path, samples: list[synthetic.ShapeSample]) -> str:
-    from mgpt4.data.download import DownloadConfig, run_download
+    from mgpt4.download import DownloadConfig, run_download
 
     served = out / "data" / "web"
     synthetic.write_image_folder(samples, served)
@@ -223,7 +246,7 @@ def _download(out: Path, samples: list[synthetic.ShapeSample]) -> str:
             "image.size=64", "image.resize_mode=no",
         ])  # fmt: skip
         summary = run_download(cfg)
-    run = summary["run"]
+    run = summary.run
     return f"{run['successes']}/{run['rows']} images, {run['images_per_s']:.0f} images/s"
 
 
@@ -231,7 +254,7 @@ def _train(
     out: Path, command: str, recipe: str, steps: int, extra: list[str], trained: dict[str, dict[str, int]]
 ) -> str:
     from mgpt4.train.config import TrainRunConfig
-    from mgpt4.train.launch import LaunchOptions, run_training
+    from mgpt4.train.launch import run_training
 
     if command == "pretrain":
         overrides = [f"data.shards=[{{path: {out / 'shards'}}}]", f"out={out / 'stage1'}", "stage=1"]
@@ -244,20 +267,19 @@ def _train(
         ]
     overrides += [*extra, f"train.max_steps={steps}", "train.log_every=25"]
     cfg = load_config(TrainRunConfig, recipe, overrides)
-    summary = run_training(cfg, LaunchOptions(), command)
+    summary = run_training(cfg)
     trained["stage1" if command == "pretrain" else "stage2"] = {
-        "trained": summary["trainable_params"],
-        "total": summary["total_params"],
+        "trained": summary.trainable_params,
+        "total": summary.total_params,
     }
     return (
-        f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters trained "
-        f"({'+'.join(cfg.model.trainable)}), final loss {summary['final_loss']:.3f}"
+        f"{summary.trainable_params:,} of {summary.total_params:,} parameters trained "
+        f"({'+'.join(cfg.model.trainable)}), final loss {summary.final_loss:.3f}"
     )
 
 
 def _curate(out: Path, samples: list[synthetic.ShapeSample], from_scratch: bool, review: bool) -> str:
-    from mgpt4.curate import records
-    from mgpt4.curate.pipeline import CurateConfig, run_curate, run_review
+    from mgpt4.curate import pipeline, records
 
     images = out / "data" / "curate"
     synthetic.write_image_folder(samples, images)
@@ -276,9 +298,9 @@ def _curate(out: Path, samples: list[synthetic.ShapeSample], from_scratch: bool,
     else:
         # The pretrained micro LLM knows the chat template: the paper's prompt, as with Vicuna.
         settings += ["generate.max_new_tokens=48"]
-    summary = run_curate(load_config(CurateConfig, None, settings))
+    summary = pipeline.run_curate(load_config(pipeline.CurateConfig, None, settings))
     if not review:
-        return f"{summary['accepted']} of {summary['images']} accepted"
+        return f"{summary.accepted} of {summary.images} accepted"
     # The paper checked every fixed description by hand and dropped the wrong ones; here the data set's
     # attributes play that reviewer, through the same `curate review` step a person would use.
     truth = {sample.key: sample for sample in samples}
@@ -291,8 +313,8 @@ def _curate(out: Path, samples: list[synthetic.ShapeSample], from_scratch: bool,
             "little — give it more stage1_steps"
         )
     if wrong:
-        summary = run_review(out / "aligned", wrong, fixer_name="rules")
-    return f"{summary['accepted']} of {summary['images']} accepted ({len(wrong)} wrong, rejected in review)"
+        summary = pipeline.review(out / "aligned", wrong, fixer_name="rules")
+    return f"{summary.accepted} of {summary.images} accepted ({len(wrong)} wrong, rejected in review)"
 
 
 def _describes(text: str, sample: synthetic.ShapeSample) -> bool:
@@ -301,18 +323,15 @@ def _describes(text: str, sample: synthetic.ShapeSample) -> bool:
 
 
 def _describe_and_score(out: Path, samples: list[synthetic.ShapeSample], scores: dict[str, Any]) -> str:
-    from mgpt4.infer.describe import DescribeConfig, describe_images
-    from mgpt4.infer.loading import load_model
+    from mgpt4.infer.describe import DescribeConfig, run_describe
 
     images = out / "data" / "test"
     synthetic.write_image_folder(samples, images)
-    model = load_model(ModelConfig(), checkpoint=str(out / "stage2"), device="cpu")
-    cfg = DescribeConfig(inputs=[str(images)], batch_size=25,
+    cfg = DescribeConfig(inputs=[str(images)], checkpoint=str(out / "stage2"), device="cpu", batch_size=25,
                          generate=GenerateConfig(max_new_tokens=48, repetition_penalty=1.0))  # fmt: skip
-    by_image = {Path(r.image).stem: r.text for r in describe_images(model, cfg)}
+    by_image = {Path(r.image).stem: r.text for r in run_describe(cfg).results}
     predictions = [by_image.get(s.key, "") for s in samples]
     scores.update(synthetic.score(predictions, samples))
-    scores["accuracy"] = sum(scores[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
     lines = [
         json.dumps({"key": s.key, "reference": s.detailed, "answer": p}) + "\n"
         for s, p in zip(samples, predictions, strict=True)

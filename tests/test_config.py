@@ -78,8 +78,55 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(_Run, path)
     assert again == cfg
     assert yaml.safe_load(path.read_text())["model"]["llm_path"] == "/models/vicuna"
+
+
 def test_yaml12_booleans_keep_words_like_no_as_strings():
     from mgpt4.config import parse_yaml
 
     assert parse_yaml("no") == "no" and parse_yaml("off") == "off"
     assert parse_yaml("true") is True and parse_yaml("[yes, false]") == ["yes", False]
+
+
+def test_every_generation_setting_is_validated_at_load():
+    for override, message in [
+        ("generate.max_new_tokens=0", r"generate\.max_new_tokens: must be at least 1, got 0"),
+        ("generate.num_beams=0", r"generate\.num_beams: must be at least 1"),
+        ("generate.max_length=0", r"generate\.max_length: must be at least 1"),
+        ("generate.temperature=0", r"generate\.temperature: must be above 0 \(for greedy decoding"),
+        ("generate.temperature=.inf", r"generate\.temperature: must be a finite number"),
+        ("generate.top_p=0", r"generate\.top_p: must be in \(0, 1\], got 0\.0"),
+        ("generate.top_p=1.01", r"generate\.top_p: must be in \(0, 1\]"),
+        ("generate.repetition_penalty=0", r"generate\.repetition_penalty: must be above 0"),
+        ("generate.seed=18446744073709551616", r"generate\.seed: must be within torch\.manual_seed's range"),
+        ("generate.stop=['###', '']", r"generate\.stop: every stop string must be non-empty"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(_Run, None, [override])
+    edge = load_config(_Run, None, ["generate.top_p=1", "generate.stop=[]", "generate.seed=-1"])
+    assert edge.generate.top_p == 1.0 and edge.generate.stop == [] and edge.generate.seed == -1
+
+
+def test_yaml_files_fail_in_one_line_naming_the_file(tmp_path):
+    from mgpt4.config import parse_yaml, read_yaml_file
+
+    recipe = tmp_path / "tagged.yaml"
+    marker = tmp_path / "ran"
+    recipe.write_text(f'train: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(
+        ConfigError, match=r"tagged\.yaml: not valid YAML \(line 1, column 8: could not determine"
+    ):
+        load_config(_Run, recipe)
+    assert not marker.exists()
+    for data, message in [
+        (b"train:\n  lr: 1e-4\xff\n", r"latin\.yaml: cannot read \(not UTF-8 text"),
+        (b"- 1\n- 2\n", r"latin\.yaml: expected a mapping of keys to values, got list"),
+    ]:
+        (tmp_path / "latin.yaml").write_bytes(data)
+        with pytest.raises(ConfigError, match=message):
+            read_yaml_file(tmp_path / "latin.yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert read_yaml_file(tmp_path / "empty.yaml") == {}
+    with pytest.raises(ConfigError, match=r"^/set top_p: not valid YAML \(line 1, column 2: "):
+        parse_yaml("[", source="/set top_p")
+    with pytest.raises(yaml.YAMLError):
+        parse_yaml("[")  # without a source the caller handles it

@@ -1,9 +1,10 @@
-"""The images to describe: a folder of image files or a WebDataset shard set, in a fixed order.
+"""The images to curate, in a fixed order, with the ids the aligned set names its files by.
 
-Ids are what the aligned set names its files by (``image/{id}.jpg``): the file stem for a folder
-(relative path with ``_`` if stems collide), the sample key for shards. The order is deterministic
-(sorted paths; shards in order, samples in tar order) so ``--num N`` always means the same images and
-a resumed run sees the same list.
+The images come from the one image source (``data.images``): a folder of image files, one image, or a
+shard set. Ids are what ``image/{id}.jpg`` is called: the file stem for a folder (the relative path
+joined with ``_`` if stems collide), the sample key for shards. The order is deterministic (sorted
+paths; shards in order, samples in tar order) so ``--num N`` always means the same images and a
+resumed run sees the same list.
 """
 
 from __future__ import annotations
@@ -11,40 +12,45 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from mgpt4.errors import DataError, UsageError
+from mgpt4.data.images import (
+    IMAGE_SUFFIXES,
+    SourceImage,
+    file_source,
+    has_shards,
+    image_files,
+    is_image_file,
+    shard_sources,
+)
+from mgpt4.data.shards import find_shards
+from mgpt4.errors import UsageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+log = logging.getLogger("mgpt4.curate")
 
 
 @dataclasses.dataclass
-class SourceImage:
-    """One image to describe: its id, where it came from, and its encoded bytes (read lazily)."""
+class CurateImage:
+    """One image to describe: its aligned-set id and where it comes from (``source.name``)."""
 
     image_id: str
-    source: str
-    read_bytes: Callable[[], bytes]
+    source: SourceImage
+
+    @property
+    def name(self) -> str:
+        return self.source.name
 
     def load(self) -> Image.Image:
-        """Decode as RGB.
-
-        Raises:
-            DataError: the bytes are not an image.
-        """
-        try:
-            image = Image.open(io.BytesIO(self.read_bytes()))
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"{self.source}: not a readable image ({exc})") from exc
-        return image.convert("RGB")
+        """Decode as RGB under the shared pixel cap; raises ``ImageReadError`` (a ``DataError``)."""
+        return self.source.open()
 
     def jpeg_bytes(self, quality: int = 95) -> bytes:
         """The image as JPEG: the original bytes when it already is one, else re-encoded."""
-        data = self.read_bytes()
+        data = self.source.read_bytes()
         if data[:3] == b"\xff\xd8\xff":
             return data
         buffer = io.BytesIO()
@@ -52,7 +58,7 @@ class SourceImage:
         return buffer.getvalue()
 
 
-def iter_images(spec: str, num: int | None = None) -> Iterator[SourceImage]:
+def iter_images(spec: str, num: int | None = None) -> Iterator[CurateImage]:
     """The first ``num`` images of a folder, a single image, or a shard set (folder of ``.tar``, a
     ``.tar`` file or a brace pattern ``{00000..00009}.tar``).
 
@@ -61,14 +67,14 @@ def iter_images(spec: str, num: int | None = None) -> Iterator[SourceImage]:
     """
     path = Path(spec)
     if path.is_dir():
-        files = _image_files(path)
+        files = image_files(path)
         if files:
             return itertools.islice(_folder_images(path, files), num)
-        if any(path.glob("*.tar")):
+        if has_shards(path):
             return itertools.islice(_shard_images(spec), num)
         raise UsageError(f"--images {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return iter([SourceImage(path.stem, str(path), path.read_bytes)])
+    if is_image_file(path):
+        return iter([CurateImage(path.stem, file_source(path))])
     if ".tar" in spec:
         return itertools.islice(_shard_images(spec), num)
     raise UsageError(f"--images {spec}: no such folder, image or shard set")
@@ -78,43 +84,36 @@ def count_images(spec: str, num: int) -> int | None:
     """How many images ``iter_images(spec, num)`` yields, when knowable without reading shards."""
     path = Path(spec)
     if path.is_dir():
-        count = len(_image_files(path))
+        count = len(image_files(path))
         return min(num, count) if count else None
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return 1
-    return None
+    return 1 if is_image_file(path) else None
 
 
-def _image_files(root: Path) -> list[Path]:
-    # Hidden files (".x.jpg", editor/OS droppings) cannot be aligned-set ids and are not data.
-    return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )  # fmt: skip
-
-
-def _folder_images(root: Path, files: list[Path]) -> Iterator[SourceImage]:
+def _folder_images(root: Path, files: list[Path]) -> Iterator[CurateImage]:
     stems = [f.stem for f in files]
     unique = len(set(stems)) == len(stems)
     for file in files:
         image_id = file.stem if unique else "_".join(file.relative_to(root).with_suffix("").parts)
-        yield SourceImage(image_id, str(file), file.read_bytes)
+        yield CurateImage(image_id, file_source(file))
 
 
-def _shard_images(spec: str) -> Iterator[SourceImage]:
-    """Samples of a WebDataset shard set in shard order, through ``mgpt4.data.shards``."""
-    import webdataset as wds
+def _shard_images(spec: str) -> Iterator[CurateImage]:
+    """Samples of a shard set in shard and tar order; a sample that cannot be read still gets its id
+    (and is journaled as unreadable), a broken shard is logged and the next one is read.
 
-    from mgpt4.data.shards import find_shards
+    Raises:
+        UsageError: no shards at ``spec`` (at once, before anything is read).
+    """
+    try:
+        find_shards(spec)
+    except UsageError as exc:
+        raise UsageError(f"--images {spec}: no .tar shards found") from exc
+    return _shard_samples(spec)
 
-    urls = [str(u) for u in find_shards(spec)]
-    if not urls:
-        raise UsageError(f"--images {spec}: no .tar shards found")
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        key = sample.get("__key__", "")
-        data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if data is None:
+
+def _shard_samples(spec: str) -> Iterator[CurateImage]:
+    for source in shard_sources(spec):
+        if not source.key:
+            log.warning("%s: %s; curating the rest of the set", source.shard, source.error)
             continue
-        source = f"{sample.get('__url__', spec)}:{key}"
-        yield SourceImage(Path(key).name, source, lambda data=data: data)
+        yield CurateImage(Path(source.key).name, source)

@@ -2,7 +2,7 @@
 
     cfg = load_config(CurateConfig, None, ["model_source=runs/stage1", "images=shards/", "out=aligned/"])
     summary = run_curate(cfg)          # kill it and run again: finished images are not redone
-    run_review("aligned/", ["42", "77"])   # drop what a person rejected, rewrite the set
+    run_review(ReviewConfig(out="aligned/", ids=["42", "77"]))   # drop what a person rejected
 
 Outputs in ``out``: ``image/{id}.jpg`` + ``filter_cap.json`` (the released cc_sbu_align format),
 ``rejected/{id}.jpg``, ``curate.jsonl`` (the journal, see ``records``), ``report.html`` and
@@ -22,16 +22,17 @@ from typing import Any
 
 import torch
 
-from mgpt4.config import GenerateConfig, ModelConfig, field, save_config
-from mgpt4.conversation import CONTINUE_MIN_TOKENS, CURATE_PROMPT, IMAGE_PLACEHOLDER
+from mgpt4.config import save_config
 from mgpt4.curate import records
+from mgpt4.curate.config import CurateConfig, ReviewConfig
 from mgpt4.curate.filters import FILTER_NAMES, FilterConfig, Verdict, normalize, run_filters
-from mgpt4.curate.fix import Fixer, FixerConfig, FixResult, fix_many, make_fixer
+from mgpt4.curate.fix import Fixer, FixResult, fix_many, make_fixer
 from mgpt4.curate.generate import Description, describe_batch
-from mgpt4.curate.images import SourceImage, count_images, iter_images
+from mgpt4.curate.images import CurateImage, count_images, iter_images
 from mgpt4.curate.report import write_report
 from mgpt4.data.aligned import write_aligned
 from mgpt4.errors import DataError, UsageError
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.curate")
 
@@ -43,40 +44,31 @@ Progress = Callable[[int, int | None], None]
 
 
 @dataclasses.dataclass
-class CurateConfig:
-    """Everything ``mgpt4 curate`` needs; saved as ``curate.yaml`` in the output folder."""
+class CurateSummary:
+    """The curated set as it now stands, and what this run did (``to_json`` is the --json summary)."""
 
-    model_source: str | None = field(None, doc="--model: stage-1 run directory, checkpoint folder or preset")
-    images: str | None = field(
-        None, doc="--images: folder of images, or a shard set (folder/.tar/brace pattern)"
-    )
-    out: str | None = field(None, doc="--out: output folder (cc_sbu_align layout + journal + report)")
-    num: int = field(5000, doc="describe the first N images in a fixed order (paper: ~5,000)")
-    batch_size: int = field(8, doc="images per generate call")
-    device: str = field("auto", doc="auto, cpu, cuda, cuda:N")
-    prompt: str = field(
-        CURATE_PROMPT, doc="first-turn prompt with one <ImageHere> (the paper's; adapt for other templates)"
-    )
-    continue_min_tokens: int = field(
-        CONTINUE_MIN_TOKENS, doc="answers under this many tokens get a Continue turn"
-    )
-    model: ModelConfig = field(
-        default_factory=ModelConfig, doc="model preset/weights when --model is a preset"
-    )
-    generate: GenerateConfig = field(default_factory=GenerateConfig, doc="decoding settings")
-    fixer: FixerConfig = field(default_factory=FixerConfig, doc="the LLM fix step")
-    filters: FilterConfig = field(default_factory=FilterConfig, doc="filter thresholds")
-    reject: str | None = field(None, doc="--reject: file of ids (one per line) a reviewer rejected")
+    out: str
+    fixer: str
+    images: int
+    accepted: int
+    rejected: int
+    continued: int
+    fix_errors: int
+    rejected_by: dict[str, int]  # per filter (a row may fail several)
+    filter_cap: str
+    report: str
+    # `mgpt4 curate`
+    described_now: int | None = None
+    resumed: int | None = None
+    refixed: int | None = None
+    seconds: float | None = None
+    # `mgpt4 curate review` (and curate with --reject)
+    reviewed: int | None = None
+    removed: int | None = None
+    unknown_ids: list[str] | None = None
 
-    def validate(self) -> None:
-        if self.num < 1:
-            raise UsageError(f"num: must be ≥ 1, got {self.num}")
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size: must be ≥ 1, got {self.batch_size}")
-        if self.prompt.count(IMAGE_PLACEHOLDER) != 1:
-            raise UsageError(f"prompt: needs exactly one {IMAGE_PLACEHOLDER}, got {self.prompt!r}")
-        self.fixer.validate()
-        self.filters.validate()
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +76,7 @@ class CurateConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> dict[str, Any]:
+def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> CurateSummary:
     """Curate ``cfg.num`` images into ``cfg.out``; images already in the journal are skipped.
 
     Args:
@@ -92,7 +84,7 @@ def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> dict[str,
         progress: called with (done, total) after each batch.
 
     Returns:
-        The summary (also what ``--json`` prints): counts, rejections per filter, paths, seconds.
+        The summary: counts, rejections per filter, paths, seconds.
 
     Raises:
         UsageError: missing/invalid options; DataError/CheckpointError: unreadable inputs.
@@ -103,8 +95,7 @@ def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> dict[str,
     cfg.validate()
     start = time.perf_counter()
     sources = iter_images(cfg.images, cfg.num)  # fails on a bad --images before anything is written
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(cfg.out, "--out", folder=True)
     save_config(
         dataclasses.replace(cfg, fixer=dataclasses.replace(cfg.fixer, key=None)),
         out / "curate.yaml",
@@ -120,10 +111,11 @@ def run_curate(cfg: CurateConfig, progress: Progress | None = None) -> dict[str,
     total = count_images(cfg.images, cfg.num)
     counts = _describe_all(out, sources, done, fixer, cfg, progress, total)
     if cfg.reject:
-        summary = run_review(out, records.read_ids(cfg.reject), fixer_name=cfg.fixer.backend)
+        summary = review(out, records.read_ids(cfg.reject), fixer_name=cfg.fixer.backend)
     else:
         summary = finalize(out, fixer_name=cfg.fixer.backend)
-    summary.update(counts, refixed=len(pending_fix), seconds=round(time.perf_counter() - start, 3))
+    summary.described_now, summary.resumed = counts["described_now"], counts["resumed"]
+    summary.refixed, summary.seconds = len(pending_fix), round(time.perf_counter() - start, 3)
     return summary
 
 
@@ -135,7 +127,7 @@ def _fixer_device(cfg: CurateConfig) -> str:
 
 def _describe_all(
     out: Path,
-    sources: Iterator[SourceImage],
+    sources: Iterator[CurateImage],
     done: dict[str, dict],
     fixer: Fixer | None,
     cfg: CurateConfig,
@@ -146,15 +138,13 @@ def _describe_all(
     seen = {normalize(r["caption"]) for r in done.values() if r.get("accepted")}
     counts = {"described_now": 0, "resumed": 0}
     model = transform = None
-    batch: list[SourceImage] = []
+    batch: list[CurateImage] = []
     for source in itertools.chain(sources, [None]):
         if source is not None and source.image_id in done:
             counts["resumed"] += 1
             continue
         if source is not None and any(b.image_id == source.image_id for b in batch):
-            log.warning(
-                "%s: image id %s seen twice, the second one is skipped", source.source, source.image_id
-            )
+            log.warning("%s: image id %s seen twice, the second one is skipped", source.name, source.image_id)
             continue
         if source is not None:
             batch.append(source)
@@ -196,7 +186,7 @@ def _load_model(cfg: CurateConfig):
 
 
 def _process_batch(
-    out: Path, batch: list[SourceImage], model, transform, fixer: Fixer, seen: set[str], cfg: CurateConfig
+    out: Path, batch: list[CurateImage], model, transform, fixer: Fixer, seen: set[str], cfg: CurateConfig
 ) -> list[dict[str, Any]]:
     images, readable, rows = [], [], []
     for source in batch:
@@ -223,7 +213,7 @@ def _process_batch(
 
 
 def _record(
-    source: SourceImage,
+    source: CurateImage,
     description: Description,
     fixed: FixResult,
     fixer: Fixer,
@@ -233,7 +223,7 @@ def _record(
     return judge(
         {
             "image_id": source.image_id,
-            "source": source.source,
+            "source": source.name,
             "first": description.first,
             "continuation": description.continuation,
             "answer": description.text,
@@ -273,10 +263,10 @@ def judge(record: dict[str, Any], seen: set[str], cfg: FilterConfig) -> dict[str
     return record
 
 
-def _unreadable_record(source: SourceImage, error: str) -> dict[str, Any]:
+def _unreadable_record(source: CurateImage, error: str) -> dict[str, Any]:
     return {
         "image_id": source.image_id,
-        "source": source.source,
+        "source": source.name,
         "answer": "",
         "caption": "",
         "continued": False,
@@ -316,7 +306,7 @@ def _refix(out: Path, journal: list[dict], pending: list[dict], fixer: Fixer, cf
 # --------------------------------------------------------------------------------------------------
 
 
-def finalize(out: str | Path, fixer_name: str = "") -> dict[str, Any]:
+def finalize(out: str | Path, fixer_name: str = "") -> CurateSummary:
     """Rebuild ``filter_cap.json``, the image folders and ``report.html`` from the journal.
 
     Returns:
@@ -339,32 +329,50 @@ def finalize(out: str | Path, fixer_name: str = "") -> dict[str, Any]:
         out, [(r["image_id"], records.image_path(out, r["image_id"], True), r["caption"]) for r in accepted]
     )
     summary = summarize(rows, out, fixer_name)
-    write_report(out / "report.html", rows, summary)
+    write_report(out / "report.html", rows, summary.to_json())
     return summary
 
 
-def summarize(rows: Sequence[dict[str, Any]], out: Path, fixer_name: str = "") -> dict[str, Any]:
+def summarize(rows: Sequence[dict[str, Any]], out: Path, fixer_name: str = "") -> CurateSummary:
     """Counts: images, accepted, rejected, continued, and rejections per filter (a row may fail several)."""
     failed: Counter[str] = Counter()
     for row in rows:
         failed.update(v["name"] for v in row.get("verdicts", []) if not v["passed"])
     names = [*FILTER_NAMES, *EXTRA_VERDICTS]
     accepted = sum(bool(r.get("accepted")) for r in rows)
-    return {
-        "out": str(out),
-        "fixer": fixer_name,
-        "images": len(rows),
-        "accepted": accepted,
-        "rejected": len(rows) - accepted,
-        "continued": sum(bool(r.get("continued")) for r in rows),
-        "fix_errors": failed.get("fix_error", 0),
-        "rejected_by": {name: failed.get(name, 0) for name in names},
-        "filter_cap": str(out / "filter_cap.json"),
-        "report": str(out / "report.html"),
-    }
+    return CurateSummary(
+        out=str(out),
+        fixer=fixer_name,
+        images=len(rows),
+        accepted=accepted,
+        rejected=len(rows) - accepted,
+        continued=sum(bool(r.get("continued")) for r in rows),
+        fix_errors=failed.get("fix_error", 0),
+        rejected_by={name: failed.get(name, 0) for name in names},
+        filter_cap=str(out / "filter_cap.json"),
+        report=str(out / "report.html"),
+    )
 
 
-def run_review(out: str | Path, reject_ids: Sequence[str], fixer_name: str = "") -> dict[str, Any]:
+def run_review(cfg: ReviewConfig, progress: Progress | None = None) -> CurateSummary:
+    """``mgpt4 curate review``: drop the ids of ``cfg.reject`` and ``cfg.ids`` from the curated set.
+
+    ``progress`` is accepted for the uniform ``run_<command>`` shape; a review is one quick rewrite.
+
+    Raises:
+        UsageError: no folder or no ids given, no journal in ``out``, or none of the ids belongs to it;
+        DataError: the id file cannot be read.
+    """
+    del progress
+    if not cfg.out:
+        raise UsageError("curate review: --out is required (the curated folder)")
+    wanted = (records.read_ids(cfg.reject) if cfg.reject else []) + list(cfg.ids)
+    if not wanted:
+        raise UsageError("curate review: give --reject FILE and/or ids to drop")
+    return review(cfg.out, wanted)
+
+
+def review(out: str | Path, reject_ids: Sequence[str], fixer_name: str = "") -> CurateSummary:
     """Mark the ids a person rejected, then rewrite ``filter_cap.json``, ``image/`` and the report.
 
     Raises:
@@ -374,6 +382,7 @@ def run_review(out: str | Path, reject_ids: Sequence[str], fixer_name: str = "")
     journal = records.read_journal(out)
     if not journal:
         raise UsageError(f"{out / records.JOURNAL}: missing or empty — run `mgpt4 curate` into {out} first")
+    check_writable(out, "--out", folder=True)
     latest = records.latest_records(journal)
     wanted = list(dict.fromkeys(reject_ids))
     unknown = [i for i in wanted if i not in latest]
@@ -393,7 +402,7 @@ def run_review(out: str | Path, reject_ids: Sequence[str], fixer_name: str = "")
         record["accepted"] = False
     records.rewrite_journal(out, journal)
     summary = finalize(out, fixer_name or _journal_fixer(journal))
-    summary.update(reviewed=len(wanted) - len(unknown), removed=newly, unknown_ids=unknown)
+    summary.reviewed, summary.removed, summary.unknown_ids = len(wanted) - len(unknown), newly, unknown
     return summary
 
 

@@ -48,15 +48,17 @@ def read_journal(out: Path) -> list[dict[str, Any]]:
             handle.truncate(cut)
         data = data[:cut]
     records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{number}: not a JSON record ({exc.msg}); fix or delete that line"
-            ) from exc
+            record = json.loads(line)  # bytes: json detects UTF-8 and reports bad bytes as a ValueError
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise DataError(f"{path}:{number}: not a JSON record ({reason}); fix or delete the line") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("image_id"), str):
+            raise DataError(f"{path}:{number}: not a curate record (no image_id); fix or delete the line")
+        records.append(record)
     return records
 
 
@@ -125,6 +127,9 @@ def read_ids(path: str | Path) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"{path}: cannot read the id list ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        where = f"{exc.reason}, byte {exc.start + 1}"
+        raise DataError(f"{path}: the id list is not UTF-8 text ({where})") from exc
     ids = []
     for line in text.splitlines():
         item = line.split("#", 1)[0].strip()

@@ -22,6 +22,7 @@ from typing import Any
 import torch.utils.data
 from PIL import Image
 
+from mgpt4.data.images import open_image
 from mgpt4.errors import DataError, UsageError
 
 log = logging.getLogger("mgpt4.data")
@@ -99,11 +100,7 @@ class AlignedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         annotation = self.annotations[index]
         path = image_path(self.root, annotation["image_id"])
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as exc:  # PIL raises many types for a damaged file
-            raise DataError(f"{path}: cannot read image ({exc})") from exc
+        image = open_image(path)  # DataError (per item: training skips and counts it) when unreadable
         return {
             "image": self.transform(image) if self.transform else image,
             "text": annotation["caption"],  # raw: upstream applies no text processor in stage 2
@@ -145,11 +142,7 @@ def _write_image(source: Image.Image | str | Path, target: Path) -> None:
     if source.suffix.lower() in (".jpg", ".jpeg"):
         _atomic_write(target, lambda temp: shutil.copyfile(source, temp))  # keep the bytes: no re-encode
         return
-    try:
-        with Image.open(source) as img:
-            image = img.convert("RGB")
-    except Exception as exc:
-        raise DataError(f"{source}: cannot read image ({exc})") from exc
+    image = open_image(source)
     _atomic_write(target, lambda temp: image.save(temp, format="JPEG", quality=95))
 
 

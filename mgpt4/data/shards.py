@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,11 +40,13 @@ import torch.utils.data
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from mgpt4.data.images import IMAGE_SUFFIXES, ImageReadError, open_image
 from mgpt4.errors import DataError, UsageError
 
 log = logging.getLogger("mgpt4.data")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Member extensions that hold the image, in order of preference: the one suffix list of data.images.
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
 _STATE_VERSION = 1
 _LOUD_SKIPS = 10  # per reason, warn about the first few skips, then log them at debug level
 
@@ -186,12 +187,10 @@ class _Shard:
         text = text_processor(caption)
         if not text.strip():
             raise _Skip("empty_caption", f"{key}: caption {caption!r} is empty after processing")
-        data = self._bytes(members[image_ext])
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")  # convert() forces a full decode: truncated JPEGs fail here
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, …)
-            raise _Skip("bad_image", f"{key}.{image_ext}: {exc}") from exc
+            image = open_image(self._bytes(members[image_ext]), f"{key}.{image_ext}")
+        except ImageReadError as exc:
+            raise _Skip("bad_image", str(exc)) from exc
         return key, image, text
 
     def _bytes(self, member: tarfile.TarInfo | None) -> bytes | None:
@@ -230,27 +229,45 @@ def _caption(key: str, json_bytes: bytes | None, txt_bytes: bytes | None) -> str
     raise _Skip("missing_caption", f"{key}: no caption in .json or .txt")
 
 
-def iter_samples(
-    shards: Sequence[str], skipped: collections.Counter | None = None
-) -> Iterator[dict[str, Any]]:
-    """One pass over shards in file order: ``{"key", "image" (PIL RGB), "text" (raw caption), "shard"}``.
+@dataclasses.dataclass
+class ShardImage:
+    """One image sample of a shard set as encoded bytes, or why it (or its whole shard) cannot be read."""
 
-    For describe/curate over a shard set. Bad samples are skipped and counted into ``skipped``.
+    shard: str
+    key: str  # "" when ``error`` is about the whole shard
+    data: bytes | None = None
+    error: str | None = None
+
+
+def iter_shard_images(shards: Sequence[str]) -> Iterator[ShardImage]:
+    """Every sample of ``shards`` in file and tar order, undecoded, with failures in line (the image
+    source of describe, curate and eval: ``data.images.shard_sources``).
+
+    Unlike the training mixture nothing is skipped and no caption is needed: a sample without an
+    image member or whose member cannot be read is a failure for that key; a shard that cannot be
+    opened, or is cut off, yields one failure after the samples read before the damage, and the next
+    shard is read as usual.
     """
-    counter = skipped if skipped is not None else collections.Counter()
-    logger = _SkipLogger(counter)
     for path in shards:
-        shard = _Shard(path, logger)
+        damage: list[_Skip] = []
+        shard = _Shard(path, lambda skip, _where, damage=damage: damage.append(skip))  # during __init__
         try:
-            for index in range(len(shard.samples)):
-                try:
-                    key, image, text = shard.read(index, lambda caption: caption)
-                except _Skip as skip:
-                    logger(skip, path)
+            for key, members in shard.samples:
+                image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+                if image_ext is None:
+                    yield ShardImage(path, key, error=f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
                     continue
-                yield {"key": key, "image": image, "text": text, "shard": path}
+                try:
+                    data = shard._bytes(members[image_ext])
+                except _Skip as skip:
+                    yield ShardImage(path, key, error=str(skip))
+                    continue
+                yield ShardImage(path, key, data)
         finally:
             shard.close()
+        for skip in damage:
+            detail = str(skip).strip().splitlines()[0] if str(skip).strip() else skip.reason
+            yield ShardImage(path, "", error=f"{skip.reason.replace('_', ' ')} ({detail})")
 
 
 # --------------------------------------------------------------------------------------------------

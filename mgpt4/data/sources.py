@@ -8,6 +8,9 @@ Formats (chosen by suffix; a ``.gz`` suffix or gzip magic bytes are decompressed
 - ``.parquet``: LAION's metadata files (``URL``/``TEXT``);
 - ``.txt``: one URL per line, no captions.
 
+An input is a local path or any fsspec URL (``s3://bucket/laion/part-0.parquet``, ``gs://``, ``hdfs://``,
+``https://``, ``file://``); local paths use plain file I/O.
+
 Rows are yielded lazily (except json, which the format forces us to parse whole) so a 5M-row list never
 sits in memory twice. A row that cannot be read (bad JSON line, missing field) is still yielded, with
 ``url=None``, so every input line keeps its place and its failure is recorded instead of dropped.
@@ -15,6 +18,7 @@ sits in memory twice. A row that cannot be read (bad JSON line, missing field) i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -94,8 +98,8 @@ def detect_format(path: str | Path) -> str:
     return fmt
 
 
-def check_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Check that every input exists and has a known format; return them as paths.
+def check_inputs(paths: Sequence[str | Path]) -> list[Path | str]:
+    """Check that every input exists and has a known format; return local ones as paths, URLs as strings.
 
     Raises:
         UsageError: no inputs, a missing file, or an unknown format (naming the file).
@@ -104,12 +108,28 @@ def check_inputs(paths: Sequence[str | Path]) -> list[Path]:
         raise UsageError("no input URL list given: pass one or more json/jsonl/csv/tsv/parquet/txt files")
     out = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
+        path = _source(p)
+        if not _is_file(path):
             raise UsageError(f"{path}: no such input file")
         detect_format(path)
         out.append(path)
     return out
+
+
+def check_columns(paths: Sequence[str | Path], columns: Columns) -> None:
+    """Read the first row of each input, so a missing URL column is reported before anything is written.
+
+    A ``.json`` list is skipped: the format makes reading its first row cost a parse of the whole file,
+    which ``iter_rows`` does anyway when it reaches it.
+
+    Raises:
+        UsageError: a file lacks the URL column.
+        DataError: a file is unreadable as its format.
+    """
+    for path in paths:
+        if detect_format(path) != "json":
+            with contextlib.closing(iter_rows([path], columns)) as rows:
+                next(rows, None)
 
 
 def iter_rows(paths: Sequence[str | Path], columns: Columns) -> Iterator[UrlRow]:
@@ -120,7 +140,7 @@ def iter_rows(paths: Sequence[str | Path], columns: Columns) -> Iterator[UrlRow]
         DataError: a file is unreadable as its format (corrupt gzip, not a JSON list, bad parquet).
     """
     for path in paths:
-        path = Path(path)
+        path = _source(path)
         reader = _READERS[detect_format(path)]
         try:
             yield from reader(path, columns)
@@ -135,7 +155,7 @@ def count_rows(path: str | Path) -> int | None:
 
     json is None: counting it means parsing it whole, which ``iter_rows`` does anyway.
     """
-    path = Path(path)
+    path = _source(path)
     fmt = detect_format(path)
     try:
         if fmt == "parquet":
@@ -151,22 +171,53 @@ def count_rows(path: str | Path) -> int | None:
         return None
 
 
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as probe:
+def _source(path: str | Path) -> Path | str:
+    """A local path as a ``Path``; an fsspec URL stays a string."""
+    return str(path) if "://" in str(path) else Path(path)
+
+
+def _is_file(path: Path | str) -> bool:
+    if isinstance(path, Path):
+        return path.is_file()
+    import fsspec
+
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:  # an unknown protocol, or its package is not installed
+        raise UsageError(f"{path}: {exc}") from exc
+    try:
+        return fs.isfile(inner)
+    except OSError:
+        return False
+
+
+def _open_raw(path: Path | str) -> IO[bytes]:
+    if isinstance(path, Path):
+        return open(path, "rb")
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+def _is_gzip(path: Path | str) -> bool:
+    with _open_raw(path) as probe:
         return probe.read(2) == _GZIP_MAGIC
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    gzipped = _is_gzip(path)
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+def _open_binary(path: Path | str) -> IO[bytes]:
+    if not _is_gzip(path):
+        return _open_raw(path)
+    return gzip.open(path, "rb") if isinstance(path, Path) else gzip.open(_open_raw(path), "rb")
 
 
-def _parquet_source(path: Path) -> Any:
+def _parquet_source(path: Path | str) -> Any:
     # A plain path lets pyarrow memory-map the file; gzip needs a (seekable) decompressing stream.
-    return gzip.open(path, "rb") if _is_gzip(path) else str(path)
+    if _is_gzip(path):
+        return gzip.open(path, "rb") if isinstance(path, Path) else gzip.open(_open_raw(path), "rb")
+    return str(path) if isinstance(path, Path) else _open_raw(path)
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_text(path: Path | str) -> IO[str]:
     # newline="" lets the csv module see embedded newlines in quoted fields.
     return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace", newline="")
 
@@ -178,7 +229,7 @@ def _pick(available: Sequence[str], candidates: Sequence[str]) -> str | None:
     return None
 
 
-def _missing_url_column(path: Path, columns: Columns, available: Sequence[str]) -> UsageError:
+def _missing_url_column(path: Path | str, columns: Columns, available: Sequence[str]) -> UsageError:
     shown = ", ".join(list(available)[:20]) or "(none)"
     return UsageError(
         f"{path}: no URL column {' / '.join(columns.url)}; it has: {shown} "
@@ -197,7 +248,7 @@ def _url(value: Any) -> str | None:
     return text.strip() or None if text is not None else None
 
 
-def _rows_from_objects(path: Path, objects: Iterator[Any], columns: Columns) -> Iterator[UrlRow]:
+def _rows_from_objects(path: Path | str, objects: Iterator[Any], columns: Columns) -> Iterator[UrlRow]:
     """Rows from JSON objects; the URL column is fixed by the first object that has any candidate."""
     url_key = cap_key = None
     for obj in objects:
@@ -212,7 +263,7 @@ def _rows_from_objects(path: Path, objects: Iterator[Any], columns: Columns) -> 
         yield UrlRow(_url(obj.get(url_key)), _text(obj.get(cap_key)) if cap_key else None)
 
 
-def _read_json(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_json(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     with _open_binary(path) as f:
         try:
             data = json.load(f)
@@ -223,7 +274,7 @@ def _read_json(path: Path, columns: Columns) -> Iterator[UrlRow]:
     yield from _rows_from_objects(path, iter(data), columns)
 
 
-def _read_jsonl(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_jsonl(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     def objects() -> Iterator[Any]:
         with _open_text(path) as f:
             for line in f:
@@ -237,7 +288,7 @@ def _read_jsonl(path: Path, columns: Columns) -> Iterator[UrlRow]:
     yield from _rows_from_objects(path, objects(), columns)
 
 
-def _read_delimited(path: Path, columns: Columns, delimiter: str) -> Iterator[UrlRow]:
+def _read_delimited(path: Path | str, columns: Columns, delimiter: str) -> Iterator[UrlRow]:
     with _open_text(path) as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -258,15 +309,15 @@ def _read_delimited(path: Path, columns: Columns, delimiter: str) -> Iterator[Ur
             yield UrlRow(_url(url), caption)
 
 
-def _read_csv(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_csv(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     yield from _read_delimited(path, columns, ",")
 
 
-def _read_tsv(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_tsv(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     yield from _read_delimited(path, columns, "\t")
 
 
-def _read_parquet(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_parquet(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -287,7 +338,7 @@ def _read_parquet(path: Path, columns: Columns) -> Iterator[UrlRow]:
             yield UrlRow(_url(url), _text(caption))
 
 
-def _read_txt(path: Path, columns: Columns) -> Iterator[UrlRow]:
+def _read_txt(path: Path | str, columns: Columns) -> Iterator[UrlRow]:
     del columns  # a txt list has URLs only
     with _open_text(path) as f:
         for line in f:

@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from mgpt4.data.images import open_image
 from mgpt4.errors import DataError, UsageError
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -59,6 +60,7 @@ _DETAILED_WHERE = {
     "bottom right": "in the bottom right corner",
 }  # fmt: skip
 _SPLITS = {"train": 0, "test": 1}
+ATTRIBUTES = ("shape", "colour", "position", "count")  # `score`'s "accuracy" is their mean
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges and sub-pixel jitter
 
 
@@ -216,12 +218,11 @@ def read_image_folder(folder: str | Path) -> list[ShapeSample]:
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-                with Image.open(index.parent / row["image"]) as img:
-                    image = img.convert("RGB")
+                image = open_image(index.parent / row["image"])
                 samples.append(
                     ShapeSample(row["key"], image, row["caption"], row["detailed"], row["attributes"])
                 )
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, DataError) as exc:
                 raise DataError(f"{index}:{number}: unreadable sample ({exc})") from exc
     return samples
 
@@ -313,6 +314,7 @@ def score(predictions: Sequence[str], samples: Sequence[ShapeSample]) -> dict[st
 
     Returns:
         ``shape``, ``colour``, ``position``: object-level accuracy; ``count``: right number of objects;
+        ``accuracy``: the mean of those four (what `mgpt4 demo` and `mgpt4 eval shapes` report);
         ``correct``: every attribute of the image right; ``exact``: normalized text equals the caption
         or the detailed description; ``parsed``: fraction of texts naming any shape; ``n``: images.
     """
@@ -339,5 +341,6 @@ def score(predictions: Sequence[str], samples: Sequence[ShapeSample]) -> dict[st
     n = max(len(samples), 1)
     result = {attr: hits[attr] / max(objects, 1) for attr in hits}
     result.update({name: value / n for name, value in images.items()})
+    result["accuracy"] = sum(result[name] for name in ATTRIBUTES) / len(ATTRIBUTES)
     result["n"] = len(samples)
     return result

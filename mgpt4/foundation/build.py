@@ -158,3 +158,20 @@ def rebuild_trajectory(folder: str | Path, steps: int = max(TRAJECTORY_STEPS)) -
         language_track = _Trajectory("language", steps, None)
         pretrain_language(cfg.language, preset, language_track, stop_after=steps)
     return {"vision": vision_track.digests, "language": language_track.digests}
+
+
+def check_folder(folder: str | Path) -> list[str]:
+    """Problems found in ``folder`` (empty when its files are what this code builds).
+
+    Its tensors must match the manifest's digests, and rerunning the first ``TRAJECTORY_STEPS`` of both
+    pretrainings from the manifest's settings must give the digests recorded during the build.
+    """
+    manifest = read_manifest(folder)
+    problems = []
+    for name, digest in shipped_digests(folder).items():
+        if digest != manifest[name]["digest"]:
+            problems.append(f"{name}: the files' tensors differ from the manifest's digest")
+    for name, digests in rebuild_trajectory(folder).items():
+        if digests != manifest[name]["trajectory"]:
+            problems.append(f"{name}: rebuilding steps {list(TRAJECTORY_STEPS)} gives other weights")
+    return problems

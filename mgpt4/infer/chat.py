@@ -2,7 +2,8 @@
 
 ``ChatSession`` is pure (no terminal): it keeps the turns, builds the official chat prompt
 (``conversation.chat_prompt``), trims the oldest turns to fit the context, and runs the commands.
-The terminal loop (``mgpt4.infer.repl``) only reads lines and shows what this returns.
+The terminal loop (``mgpt4.cli.chat``) only reads lines and shows what this returns; ``start_chat``
+sets a session up from a ``ChatConfig`` (model, transcript, first image).
 
     session = ChatSession(model, ChatConfig().generate)
     session.show_image("cat.jpg")
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from mgpt4.config import GenerateConfig, ModelConfig, field, from_dict, parse_yaml, to_dict
+from mgpt4.config import GenerateConfig, from_dict, parse_yaml, to_dict
 from mgpt4.conversation import ChatTurn, chat_prompt, clean_answer, split_at_images
+from mgpt4.data.images import IMAGE_SUFFIXES, open_image
 from mgpt4.errors import ConfigError, DataError, UsageError
-from mgpt4.infer.describe import IMAGE_SUFFIXES
+from mgpt4.infer.config import ChatConfig, ChatGenerateConfig
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import image_transform
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.infer")
 
@@ -55,27 +57,31 @@ HELP = """\
 
 
 @dataclasses.dataclass
-class ChatGenerateConfig(GenerateConfig):
-    """Chat decoding: the official demo samples (MG ``answer_prepare`` hard-codes ``do_sample=True``;
-    top_p 0.9, temperature 1.0, repetition_penalty 1.05 are the shared defaults)."""
+class ChatStart:
+    """A session ready for its first line, and what went wrong setting it up (never fatal)."""
 
-    do_sample: bool = field(True, doc="sample like the official demo; false = greedy")
+    session: ChatSession
+    warnings: list[str]  # images of a loaded transcript that could not be re-read
+    image_error: str | None  # the first image could not be shown; the session goes on without it
 
 
-@dataclasses.dataclass
-class ChatConfig:
-    """``mgpt4 chat``: the model, the first image, decoding, and an optional transcript to resume."""
+def start_chat(cfg: ChatConfig, model: MiniGPT4 | None = None) -> ChatStart:
+    """Load the model (unless given), resume ``cfg.load`` and show ``cfg.image``.
 
-    image: str | None = field(None, doc="image to talk about first (`/image PATH` switches later)")
-    checkpoint: str | None = field(None, doc="run directory or checkpoint folder; None = build `model`")
-    model: ModelConfig = field(default_factory=ModelConfig, doc="preset and official weights (no checkpoint)")
-    generate: ChatGenerateConfig = field(
-        default_factory=ChatGenerateConfig, doc="decoding; official demo sampling"
-    )
-    load: str | None = field(None, doc="resume a transcript written by /save")
-    device: str = field("auto", doc="auto (cuda when present), cpu, cuda, cuda:N")
-    stream: bool = field(True, doc="show tokens as they are generated")
-    json: bool = field(False, doc="one JSON line per answer on stdout (question, answer, tokens, seconds)")
+    Raises:
+        UsageError: a bad model source, device or transcript path; DataError: not a transcript.
+    """
+    if model is None:
+        from mgpt4.infer.loading import load_model
+
+        model = load_model(cfg.model, cfg.checkpoint, cfg.device)
+    session = ChatSession(model, cfg.generate)
+    warnings = session.load(cfg.load) if cfg.load else []
+    image_error = None
+    if cfg.image:
+        first = session.handle(f"/image {cfg.image}")
+        image_error = first.text if first.kind == "error" else None
+    return ChatStart(session, warnings, image_error)
 
 
 @dataclasses.dataclass
@@ -163,18 +169,13 @@ class ChatSession:
 
     def _read_image(self, path: str) -> torch.Tensor:
         file = Path(path).expanduser()
+        if file.is_dir():
+            raise UsageError(f"{path}: is a folder, not an image file")
         if not file.is_file():
             raise UsageError(f"{path}: no such image file")
         if file.suffix.lower() not in IMAGE_SUFFIXES:
             raise UsageError(f"{path}: unsupported file type (use {', '.join(IMAGE_SUFFIXES)})")
-        try:
-            with Image.open(file) as image:
-                image.load()
-                return self._transform(image)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(
-                f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else exc})"
-            ) from exc
+        return self._transform(open_image(file, path))
 
     def reset(self) -> None:
         """Forget every turn and image."""
@@ -190,11 +191,8 @@ class ChatSession:
         """
         if key not in SETTABLE:
             raise ConfigError(f"/set: unknown key '{key}'; choose one of {', '.join(SETTABLE)}")
-        data = to_dict(self.config) | {key: parse_yaml(value) if value else value}
-        config = from_dict(type(self.config), data, "")
-        if config.num_beams < 1 or config.max_new_tokens < 1 or config.temperature <= 0:
-            raise ConfigError(f"/set {key}: num_beams, max_new_tokens and temperature must be positive")
-        self.config = config
+        data = to_dict(self.config) | {key: parse_yaml(value, source=f"/set {key}") if value else value}
+        self.config = from_dict(type(self.config), data, "")  # runs GenerateConfig.validate
 
     def settings_text(self) -> str:
         return "  ".join(f"{key}={getattr(self.config, key)}" for key in SETTABLE)
@@ -204,7 +202,13 @@ class ChatSession:
     # ----------------------------------------------------------------------------------------------
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Reply:
-        """Answer ``question`` with the (trimmed) history as context; Ctrl-C keeps the partial answer."""
+        """Answer ``question`` with the (trimmed) history as context; Ctrl-C keeps the partial answer.
+
+        Raises:
+            UsageError: the question holds bytes that are not text (e.g. Latin-1 piped into a UTF-8
+                reader arrives as lone surrogates, which no tokenizer accepts).
+        """
+        _check_text(question)
         turn = ChatTurn(question, image=self.pending_image)
         turns, dropped = self.fit_context(self.turns + [turn])
         images = [self._images[t.image] for t in turns if t.image is not None]
@@ -263,18 +267,26 @@ class ChatSession:
     # ----------------------------------------------------------------------------------------------
 
     def save(self, path: str) -> Path:
-        """Write the transcript (turns, image paths, settings) as JSON, atomically."""
-        file = Path(path).expanduser()
+        """Write the transcript (turns, image paths, settings) as JSON, atomically.
+
+        Raises:
+            UsageError: ``path`` cannot be written (a folder, under a file, read-only);
+            DataError: the write itself failed (e.g. the disk is full).
+        """
+        file = check_writable(path, "/save")
         data = {
             "version": TRANSCRIPT_VERSION,
             "generate": to_dict(self.config),
             "turns": [dataclasses.asdict(t) for t in self.turns],
             "pending_image": self.pending_image,
         }
-        file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(file)
+        try:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.replace(file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"/save {path}: {exc.strerror or exc}") from exc
         return file
 
     def load(self, path: str) -> list[str]:
@@ -290,7 +302,7 @@ class ChatSession:
         self.reset()
         warnings = []
         for raw in data["turns"]:
-            turn = ChatTurn(str(raw["question"]), raw.get("answer"), raw.get("image"))
+            turn = ChatTurn(raw["question"], raw.get("answer"), raw.get("image"))
             if turn.image is not None and turn.image not in self._images:
                 try:
                     self._images[turn.image] = self._read_image(turn.image)
@@ -307,6 +319,17 @@ class ChatSession:
         return warnings
 
 
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        byte = f"byte {ord(char) - 0xDC00:#04x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise UsageError(
+            f"the question is not UTF-8 text ({byte} at character {exc.start + 1}); send UTF-8 instead"
+        ) from exc
+
+
 def _read_transcript(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -316,11 +339,22 @@ def _read_transcript(path: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a chat transcript ({exc})") from exc
     turns = data.get("turns") if isinstance(data, dict) else None
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and "question" in t for t in turns):
+    if not isinstance(turns, list) or not all(_is_turn(t) for t in turns):
         raise DataError(
-            f"{path}: not a chat transcript (expected {{'turns': [{{'question', 'answer', 'image'}}]}})"
+            f"{path}: not a chat transcript (expected {{'turns': [{{'question', 'answer', 'image'}}]}}, "
+            "each a string; answer and image may be null)"
         )
+    if not isinstance(data.get("pending_image"), str | None):
+        raise DataError(f"{path}: not a chat transcript ('pending_image' must be a path or null)")
     return data
+
+
+def _is_turn(turn: Any) -> bool:
+    return (
+        isinstance(turn, dict)
+        and isinstance(turn.get("question"), str)
+        and all(isinstance(turn.get(key), str | None) for key in ("answer", "image"))
+    )
 
 
 class _TextStreamer:

@@ -1,62 +1,37 @@
-"""``mgpt4 describe``: find images (files, folders, globs, shard sets), batch them, generate.
+"""``mgpt4 describe``: describe images (files, folders, globs, shard sets) in batches.
 
-Nothing here prints: ``describe_images`` yields one ``DescribeResult`` per input, in input order,
-failures included, and the CLI's render layer decides how to show them.
+Nothing here prints: ``run_describe`` loads the model, reports each ``DescribeResult`` through its
+``progress`` callback as soon as it is ready (failures included, in input order), writes ``output``
+as JSONL, and returns a ``DescribeSummary``. The CLI decides how results look on a terminal.
 
-    cfg = DescribeConfig(inputs=["photos/"], batch_size=8)
-    for result in describe_images(model, cfg):
+    summary = run_describe(DescribeConfig(inputs=["photos/"], checkpoint="runs/stage2"))
+    for result in summary.results:
         print(result.image, result.text)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import io
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from mgpt4.config import GenerateConfig, ModelConfig, field
+from mgpt4.config import GenerateConfig
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, IMAGE_PLACEHOLDER, IMAGE_SLOT, stage2_prompt
+from mgpt4.data.images import ImageReadError, count_sources, expand_inputs, iter_sources
 from mgpt4.errors import UsageError
+from mgpt4.infer.config import DescribeConfig
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import image_transform
+from mgpt4.output_paths import check_writable
 
 log = logging.getLogger("mgpt4.infer")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SHARD_SUFFIX = ".tar"
-
-
-@dataclasses.dataclass
-class DescribeConfig:
-    """``mgpt4 describe``: what to describe, with which model, how to decode and where to write."""
-
-    inputs: list[str] = field(
-        default_factory=list, doc="images, folders (recursive), globs, .tar shards or shard brace patterns"
-    )
-    checkpoint: str | None = field(None, doc="run directory or checkpoint folder; None = build `model`")
-    model: ModelConfig = field(default_factory=ModelConfig, doc="preset and official weights (no checkpoint)")
-    generate: GenerateConfig = field(default_factory=GenerateConfig, doc="decoding; greedy by default")
-    prompt: str | None = field(
-        None, doc="instruction (wrapped in the stage-2 template); None = 'Describe this image in detail.'"
-    )
-    batch_size: int = field(8, doc="images per generate call (left padding, per-row stop)")
-    device: str = field("auto", doc="auto (cuda when present), cpu, cuda, cuda:N")
-    json: bool = field(False, doc="write JSONL (image, prompt, text, tokens, seconds) to stdout")
-    output: str | None = field(None, doc="also write the JSONL to this file (atomically)")
-    quiet: bool = field(False, doc="no progress or info on stderr")
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.prompt is not None and self.prompt.count(IMAGE_PLACEHOLDER) > 1:
-            raise UsageError(f"prompt: at most one {IMAGE_PLACEHOLDER} (describe shows one image per prompt)")
 
 
 @dataclasses.dataclass
@@ -82,12 +57,14 @@ class DescribeResult:
 
 
 @dataclasses.dataclass
-class _Item:
-    """An input image before decoding: its display name and how to open it (or why it cannot be)."""
+class ImageRequest:
+    """One image to answer about, before decoding: its display name, how to open it (or why it
+    cannot be), and its own prompt (None = the prompt given to ``generate_batched``)."""
 
     name: str
     open: Callable[[], Image.Image] | None = None
     error: str | None = None
+    prompt: str | None = None
 
 
 def build_prompt(instruction: str | None, template: str) -> str:
@@ -109,101 +86,37 @@ def build_prompt(instruction: str | None, template: str) -> str:
 
 
 def collect_inputs(specs: Sequence[str]) -> list[str]:
-    """Expand command-line inputs into image paths and shard specs, in order.
-
-    Folders are walked recursively (sorted) for images; a folder holding ``.tar`` files is also a
-    shard set (only complete shards, see ``data.shards.find_shards``). Globs are expanded (``**``
-    recurses); ``.tar`` files and ``{a..b}`` brace patterns are shard sets. A spec that matches
-    nothing is kept so that it is reported as missing.
+    """Expand command-line inputs into image paths and shard specs, in order (``data.images.expand_inputs``).
 
     Raises:
         UsageError: no inputs were given.
     """
     if not specs:
         raise UsageError("describe: give at least one image, folder, glob or shard set")
-    found: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found += [
-                str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            ]
-            found += [spec] if any(path.glob(f"*{SHARD_SUFFIX}")) else []
-        elif _is_brace(spec) and not path.exists():
-            found.append(spec)
-        elif glob.has_magic(spec) and not path.exists():
-            found += [m for m in sorted(glob.glob(spec, recursive=True)) if Path(m).is_file()] or [spec]
-        else:
-            found.append(spec)
-    return found
+    return expand_inputs(specs)
 
 
 def count_images(inputs: Sequence[str]) -> int | None:
     """How many results ``describe_images`` will yield, or None when shards make it unknown upfront."""
-    return None if any(_is_shard(spec) for spec in inputs) else len(inputs)
+    return count_sources(inputs)
 
 
-def _is_brace(spec: str) -> bool:
-    return "{" in spec and ".." in spec
-
-
-def _is_shard(spec: str) -> bool:
-    return spec.endswith(SHARD_SUFFIX) or _is_brace(spec) or Path(spec).is_dir()
-
-
-def _iter_items(inputs: Iterable[str]) -> Iterator[_Item]:
-    for spec in inputs:
-        path = Path(spec)
-        if _is_shard(spec):
-            yield from _shard_items(spec)
-        elif not path.exists():
-            yield _Item(spec, error="no such file")
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            kind = path.suffix or path.name
-            yield _Item(spec, error=f"unsupported file type '{kind}' (use {', '.join(IMAGE_SUFFIXES)})")
+def _iter_items(inputs: Iterable[str]) -> Iterator[ImageRequest]:
+    for source in iter_sources(list(inputs)):
+        if source.error is not None:
+            yield ImageRequest(source.name, error=source.error)
         else:
-            yield _Item(spec, open=lambda path=path: Image.open(path))
+            yield ImageRequest(source.name, open=source.open)
 
 
-def _shard_items(spec: str) -> Iterator[_Item]:
-    """Every image sample of a shard set, named ``SHARD#KEY``; captions are not needed here.
-
-    webdataset streams the tars (as curate does); a broken shard becomes one failed item, and
-    decoding errors surface per image when the item is opened.
-    """
-    import webdataset as wds
-
-    from mgpt4.data.shards import IMAGE_EXTENSIONS, find_shards
-
-    try:
-        urls = [str(url) for url in find_shards(spec)]
-        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-        for sample in dataset:
-            name = f"{sample.get('__url__', spec)}#{sample.get('__key__', '?')}"
-            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            if data is None:
-                yield _Item(name, error=f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-            else:
-                yield _Item(name, open=lambda data=data: Image.open(io.BytesIO(data)))
-    except Exception as exc:  # noqa: BLE001 - webdataset/tarfile raise many types; report, never crash
-        yield _Item(spec, error=f"cannot read shard set ({_one_line(exc)})")
-
-
-def _load(item: _Item, transform: Callable) -> torch.Tensor | str:
+def _load(item: ImageRequest, transform: Callable) -> torch.Tensor | str:
     """The image tensor, or the one-line reason it cannot be read."""
     if item.error:
         return item.error
     try:
-        with item.open() as image:
-            image.load()
-            return transform(image)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        return f"cannot read image ({_one_line(exc)})"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        return transform(item.open())
+    except ImageReadError as exc:
+        return exc.reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,31 +139,157 @@ def describe_images(
     """
     inputs = collect_inputs(cfg.inputs) if inputs is None else inputs
     prompt = build_prompt(cfg.prompt, model.preset.stage2_template)
+    yield from generate_batched(model, _iter_items(inputs), cfg.batch_size, cfg.generate, prompt)
+
+
+def generate_batched(
+    model: MiniGPT4,
+    requests: Iterable[ImageRequest],
+    batch_size: int,
+    config: GenerateConfig,
+    prompt: str | None = None,
+) -> Iterator[DescribeResult]:
+    """The shared batched answering path (describe, eval): one result per request, in order.
+
+    Requests are decoded and transformed as they come; every ``batch_size`` readable images go
+    through one ``MiniGPT4.generate`` call. Unreadable ones yield a result with ``error`` set.
+
+    Args:
+        model: a loaded model (eval mode).
+        requests: images with their own prompt, or None to use ``prompt``.
+        batch_size: readable images per generate call.
+        config: decoding settings.
+        prompt: the prompt of requests that carry none.
+    """
     transform = image_transform(model.preset.vision.image_size)
-    batch: list[tuple[_Item, torch.Tensor | str]] = []
-    for item in _iter_items(inputs):
+    batch: list[tuple[ImageRequest, torch.Tensor | str]] = []
+    for item in requests:
         batch.append((item, _load(item, transform)))
-        if sum(torch.is_tensor(loaded) for _, loaded in batch) == cfg.batch_size:
-            yield from _run_batch(model, batch, prompt, cfg.generate)
+        if sum(torch.is_tensor(loaded) for _, loaded in batch) == batch_size:
+            yield from _run_batch(model, batch, prompt, config)
             batch = []
     if batch:
-        yield from _run_batch(model, batch, prompt, cfg.generate)
+        yield from _run_batch(model, batch, prompt, config)
 
 
 def _run_batch(
-    model: MiniGPT4, batch: list[tuple[_Item, torch.Tensor | str]], prompt: str, config: GenerateConfig
+    model: MiniGPT4,
+    batch: list[tuple[ImageRequest, torch.Tensor | str]],
+    prompt: str | None,
+    config: GenerateConfig,
 ) -> Iterator[DescribeResult]:
-    tensors = [loaded for _, loaded in batch if torch.is_tensor(loaded)]
+    prompts = [item.prompt or prompt or "" for item, _ in batch]
+    readable = [(p, loaded) for p, (_, loaded) in zip(prompts, batch, strict=True) if torch.is_tensor(loaded)]
     answers = iter([])
     seconds = 0.0
-    if tensors:
+    if readable:
         start = time.perf_counter()
-        generations = model.generate([prompt] * len(tensors), torch.stack(tensors), config)
-        seconds = (time.perf_counter() - start) / len(tensors)
+        generations = model.generate([p for p, _ in readable], torch.stack([t for _, t in readable]), config)
+        seconds = (time.perf_counter() - start) / len(readable)
         answers = iter(generations)
-    for item, loaded in batch:
+    for (item, loaded), item_prompt in zip(batch, prompts, strict=True):
         if isinstance(loaded, str):
-            yield DescribeResult(item.name, prompt, error=loaded)
+            yield DescribeResult(item.name, item_prompt, error=loaded)
         else:
             answer = next(answers)
-            yield DescribeResult(item.name, prompt, text=answer.text, tokens=answer.tokens, seconds=seconds)
+            yield DescribeResult(
+                item.name, item_prompt, text=answer.text, tokens=answer.tokens, seconds=seconds
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+
+DescribeProgress = Callable[[DescribeResult, int, "int | None"], None]
+
+
+@dataclasses.dataclass
+class DescribeSummary:
+    """What ``run_describe`` did: every result in input order, and the counts."""
+
+    results: list[DescribeResult]
+    total: int | None  # inputs known upfront (None with shard sets)
+    output: str | None
+
+    @property
+    def described(self) -> int:
+        return sum(r.error is None for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.error is not None for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"described": self.described, "failed": self.failed, "output": self.output}
+
+
+def run_describe(
+    cfg: DescribeConfig, progress: DescribeProgress | None = None, model: MiniGPT4 | None = None
+) -> DescribeSummary:
+    """Describe ``cfg.inputs``; each result goes to ``progress`` as soon as it is ready.
+
+    Args:
+        cfg: inputs, model, decoding, batch size, ``output`` (JSONL written to a temporary name and
+            renamed when the run completes).
+        progress: called with (result, results so far, total or None) for every input, in order.
+        model: an already loaded model (e.g. the demo's); None loads ``cfg.checkpoint``/``cfg.model``.
+
+    Returns:
+        Every result (failures have ``error`` set); a run with failures still writes ``output``.
+
+    Raises:
+        UsageError: no inputs, an unwritable ``output``, a bad model source or device.
+    """
+    inputs = collect_inputs(cfg.inputs)
+    output = check_writable(cfg.output, "--output") if cfg.output else None  # before the model loads
+    if model is None:
+        from mgpt4.infer.loading import load_model
+
+        model = load_model(cfg.model, cfg.checkpoint, cfg.device)
+    total = count_images(inputs)
+    results: list[DescribeResult] = []
+    with _JsonlFile(output) as sink:
+        for result in describe_images(model, cfg, inputs):
+            results.append(result)
+            if result.error is None:
+                sink.write(result.to_json())
+            if progress is not None:
+                progress(result, len(results), total)
+            elif len(results) % cfg.batch_size == 0 or len(results) == total:
+                log.info("described %d/%s", len(results), total or "?")
+    summary = DescribeSummary(results, total, str(output) if output else None)
+    if output is not None:
+        log.info("wrote %d record(s) to %s", summary.described, output)
+    return summary
+
+
+class _JsonlFile:
+    """JSONL lines into ``path`` (when given) under a temporary name, renamed only on success."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> _JsonlFile:
+        if self.path is not None:
+            self._file = self._tmp().open("w", encoding="utf-8")
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        if exc_type is None:
+            self._tmp().replace(self.path)
+        else:
+            self._tmp().unlink(missing_ok=True)
+
+    def _tmp(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".tmp")

@@ -74,7 +74,9 @@ def load_model(model_cfg: ModelConfig, checkpoint: str | None = None, device: st
             raise UsageError(
                 f"{', '.join(given)} apply to a preset; {checkpoint} already names its weights in config.yaml"
             )
-        model = load_model_dir(checkpoint, device=torch_device, dtype=model_cfg.dtype)
+        model = load_model_dir(
+            checkpoint, device=torch_device, dtype=model_cfg.dtype, quantize=model_cfg.quantize
+        )
         log.info("loaded %s (%s) on %s, %s", checkpoint, model.preset.name, torch_device, _dtype_name(dtype))
         return model
     cfg = dataclasses.replace(model_cfg, grad_checkpointing=False)

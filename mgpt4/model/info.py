@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from transformers import LlamaForCausalLM
 
 from mgpt4.model.build import llama_config
@@ -64,23 +62,3 @@ def model_summary(preset_name: str, trainable: Sequence[str] = ("proj",)) -> dic
         },
         "note": "weights and optimizer state only; activations come on top (less with grad checkpointing)",
     }
-
-
-def render_summary(summary: dict, console: Console) -> None:
-    """Print a summary as a rich table."""
-    table = Table(title=f"{summary['preset']} — {summary['description']}", title_justify="left")
-    for column in ("module", "group", "params", "trainable"):
-        table.add_column(column, justify="right" if column == "params" else "left")
-    for row in summary["modules"]:
-        table.add_row(
-            row["module"], row["group"], f"{row['params']:,}", "yes" if row["trainable"] else "frozen"
-        )
-    table.add_section()
-    table.add_row("total", "", f"{summary['total_params']:,}", f"{summary['trainable_params']:,} trainable")
-    console.print(table)
-    memory = summary["memory_gib"]
-    console.print(
-        f"image tokens per image: {summary['image_tokens']}\n"
-        f"memory (GiB): inference bf16 {memory['inference_bf16']}, fp32 {memory['inference_fp32']}; "
-        f"training (bf16 + AdamW on trainable) {memory['train_bf16_adamw']}\n[dim]{summary['note']}[/dim]"
-    )

@@ -9,20 +9,28 @@ API: ``encode_images``, ``embed_prompt``, ``forward(batch) -> loss``, ``generate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from mgpt4.config import GenerateConfig
 from mgpt4.conversation import IMAGE_PLACEHOLDER, clean_answer, split_at_images
 from mgpt4.errors import UsageError
+from mgpt4.model import official_decoding
 from mgpt4.model.presets import Preset
 from mgpt4.model.qformer import build_qformer
+from mgpt4.model.tokenizer import OfficialLlamaTokenizer
 from mgpt4.model.vision import build_ln_vision, build_vision_encoder
 
 IGNORE_INDEX = -100  # HF cross-entropy ignore label
@@ -54,25 +62,34 @@ class MiniGPT4(nn.Module):
         llama_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_txt_len: int = 32,
+        part_init: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> None:
+        """``part_init(name)``: a context each top-level part is created in (e.g. without memory when
+        a weight file fills it next, or on the target device and dtype); default: CPU, fp32."""
         super().__init__()
         self.preset = preset
         self.tokenizer = tokenizer
         self.max_txt_len = max_txt_len
-        self.visual_encoder = build_vision_encoder(preset.vision)
-        self.ln_vision = build_ln_vision(preset.vision.width)
+        part = part_init or (lambda name: contextlib.nullcontext())
+        with part("visual_encoder"):
+            self.visual_encoder = build_vision_encoder(preset.vision)
+        with part("ln_vision"):
+            self.ln_vision = build_ln_vision(preset.vision.width)
         if preset.qformer is not None:
-            self.Qformer = build_qformer(preset.qformer, preset.vision.width)
-            # LAVIS blip2.py init_Qformer: query tokens ~ N(0, 0.02).
-            self.query_tokens = nn.Parameter(
-                torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size)
-            )
-            nn.init.normal_(self.query_tokens, std=0.02)
+            with part("Qformer"):
+                self.Qformer = build_qformer(preset.qformer, preset.vision.width)
+            with part("query_tokens"):
+                # LAVIS blip2.py init_Qformer: query tokens ~ N(0, 0.02).
+                self.query_tokens = nn.Parameter(
+                    torch.zeros(1, preset.qformer.num_query_tokens, preset.qformer.hidden_size)
+                )
+                nn.init.normal_(self.query_tokens, std=0.02)
         else:
             self.Qformer = None
             self.register_parameter("query_tokens", None)
         self.llama_model = llama_model
-        self.llama_proj = nn.Linear(preset.llm_input_width, llama_model.config.hidden_size)
+        with part("llama_proj"):
+            self.llama_proj = nn.Linear(preset.llm_input_width, llama_model.config.hidden_size)
         self.trainable_groups: tuple[str, ...] = ()
         self.set_trainable(["proj"])
 
@@ -119,6 +136,12 @@ class MiniGPT4(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.llama_proj.weight.device
+
+    @property
+    def follows_official_stack(self) -> bool:
+        """The LLM came from an official folder (sentencepiece ``tokenizer.model``), so tokenizing and
+        decoding follow the official code's transformers 4.30 stack (``model.official_decoding``)."""
+        return isinstance(self.tokenizer, OfficialLlamaTokenizer)
 
     # ----------------------------------------------------------------------------------------------
     # encoding
@@ -195,10 +218,11 @@ class MiniGPT4(nn.Module):
         for index in range(batch_size):
             prompt_embeds = self.embed_prompt(prompts[index], image_tokens[index : index + 1])  # (Lp, H)
             target_ids = torch.tensor(targets[index], dtype=torch.long, device=self.device)
+            # MG masks pad ids out of the targets; Vicuna's pad `$$` is <unk>, so a literal "<unk>" is too.
+            target_labels = target_ids.masked_fill(target_ids == self.tokenizer.pad_token_id, IGNORE_INDEX)
             rows.append(torch.cat([prompt_embeds, self._embed_ids(targets[index])], dim=0))
-            labels.append(
-                torch.cat([torch.full((len(prompt_embeds),), IGNORE_INDEX, device=self.device), target_ids])
-            )
+            prompt_labels = torch.full((len(prompt_embeds),), IGNORE_INDEX, device=self.device)
+            labels.append(torch.cat([prompt_labels, target_labels]))
         inputs_embeds, attention_mask = _pad_rows(rows, side="right")
         label_tensor = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device)
         for index, row_labels in enumerate(labels):
@@ -219,14 +243,21 @@ class MiniGPT4(nn.Module):
         images: torch.Tensor | Sequence[torch.Tensor],
         config: GenerateConfig | None = None,
         streamer=None,
+        stopping_criteria: Sequence[StoppingCriteria] = (),
     ) -> list[Generation]:
         """Answer each prompt; a row stops at its own ``###`` (or EOS) while the others go on.
+
+        With an official LLM folder (``follows_official_stack``) decoding follows the official stack:
+        the repetition penalty also covers BOS, and beam search stops only when all of a prompt's beams
+        end with a stop string (``model.official_decoding``).
 
         Args:
             prompts: B prompts; prompt i has as many ``<ImageHere>`` as images i has.
             images: (B, 3, H, W) — one image per prompt — or B tensors (k_i, 3, H, W).
             config: decoding settings (greedy by default).
             streamer: optional transformers streamer (``put``/``end``), for chat's live output.
+            stopping_criteria: more per-row criteria, checked with the stop strings each step (the
+                server's: a row whose client left, or that reached its own limit, stops early).
         """
         config = config or GenerateConfig()
         groups = [images[i : i + 1] for i in range(len(images))] if torch.is_tensor(images) else list(images)
@@ -240,18 +271,30 @@ class MiniGPT4(nn.Module):
         keep = max(1, config.max_length - config.max_new_tokens)
         inputs_embeds, attention_mask = _pad_rows([row[-keep:] for row in rows], side="left")
         stops = tuple(config.stop)
-        stop = _StopOnString(self.tokenizer, stops, self._vocab_size(), self.device)
         if config.do_sample:
             torch.manual_seed(config.seed)
-        with warnings.catch_warnings():
-            # With inputs_embeds the penalty covers generated tokens only — as in the official code.
-            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
-            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, stop, streamer)
+        tok = self.tokenizer
+        if self.follows_official_stack and config.num_beams > 1:
+            stop_ids = official_decoding.stop_id_sequences(tok, stops)
+            ends = {"bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "stops": stop_ids}
+            output_ids = official_decoding.beam_search(
+                self.llama_model, inputs_embeds, attention_mask, config, **ends
+            )
+        else:
+            criteria = StoppingCriteriaList(
+                [_StopOnString(tok, stops, self._vocab_size(), self.device), *stopping_criteria]
+            )
+            output_ids = self._hf_generate(inputs_embeds, attention_mask, config, criteria, streamer).tolist()
         return [self._finish(row_ids, stops) for row_ids in output_ids]
 
     def _hf_generate(
-        self, inputs_embeds, attention_mask, config: GenerateConfig, stop, streamer
+        self, inputs_embeds, attention_mask, config: GenerateConfig, criteria: StoppingCriteriaList, streamer
     ) -> torch.Tensor:
+        # transformers 4.30 (the official stack) seeds the output with BOS when given only inputs_embeds,
+        # so its repetition penalty covers BOS from the first step; transformers 5 starts from no ids.
+        # The penalty is ours either way: transformers 5's skips the first generated ids of left-padded rows.
+        seed = [self.tokenizer.bos_token_id] if self.follows_official_stack else []
+        penalty = official_decoding.SeededRepetitionPenalty(config.repetition_penalty, seed)
         return self.llama_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -261,8 +304,9 @@ class MiniGPT4(nn.Module):
             temperature=config.temperature if config.do_sample else None,
             top_p=config.top_p if config.do_sample else None,
             top_k=None,
-            repetition_penalty=config.repetition_penalty,
-            stopping_criteria=StoppingCriteriaList([stop]),
+            repetition_penalty=1.0,
+            logits_processor=LogitsProcessorList([penalty]),
+            stopping_criteria=criteria,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -272,14 +316,17 @@ class MiniGPT4(nn.Module):
     def _vocab_size(self) -> int:
         return max(len(self.tokenizer), self.llama_model.get_input_embeddings().num_embeddings)
 
-    def _finish(self, ids: torch.Tensor, stops: tuple[str, ...]) -> Generation:
-        """Cut a row at EOS/pad or at the end of its first stop string; count the answer's tokens."""
-        special = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+    def _finish(self, ids: Sequence[int], stops: tuple[str, ...]) -> Generation:
+        """Cut a row at EOS or at the end of its first stop string; count the answer's tokens.
+
+        The pad id never ends an answer: a finished row is padded only after its EOS or stop string,
+        and MG's pad ``$$`` is ``<unk>`` (id 0) in Vicuna's vocabulary, which the LLM may generate.
+        """
         can_end = _tokens_containing(self.tokenizer, _last_chars(stops), self._vocab_size())
         kept: list[int] = []
         stop_tokens = 0
-        for token in ids.tolist():
-            if token in special:
+        for token in ids:
+            if token == self.tokenizer.eos_token_id:
                 break
             kept.append(token)
             if can_end[token]:

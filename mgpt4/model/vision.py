@@ -58,7 +58,8 @@ def image_transform(image_size: int) -> transforms.Compose:
     """PIL image → normalised tensor: squash-resize (bicubic, no crop) → CLIP mean/std."""
     return transforms.Compose(
         [
-            transforms.Lambda(lambda img: img.convert("RGB")),
+            # convert() copies even an RGB image: at the decode cap that copy alone is ~256 MiB.
+            transforms.Lambda(lambda img: img if img.mode == "RGB" else img.convert("RGB")),
             transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.ToTensor(),
             transforms.Normalize(CLIP_MEAN, CLIP_STD),

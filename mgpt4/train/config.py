@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 from mgpt4.config import ModelConfig, field
 from mgpt4.errors import ConfigError, UsageError
 from mgpt4.model.presets import get_preset
+
+# The DeepSpeed configs shipped in mgpt4/recipes (train.zero may also name a JSON file of one's own).
+ZERO_RECIPES = ("zero1", "zero2", "zero3", "zero2_offload")
 
 
 @dataclasses.dataclass
@@ -54,8 +58,18 @@ class TrainConfig:
 
     max_steps: int = field(20000, doc="optimizer steps in total (official stage 1: 4 x 5000)")
     gradient_accumulation_steps: int = field(1, doc="micro batches per optimizer step")
-    precision: str = field("auto", doc="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", doc="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"
+    )
     zero: str = field("zero2", doc="DeepSpeed ZeRO recipe: zero1, zero2, zero3, zero2_offload or a JSON path")
+
+    def validate(self) -> None:
+        """``zero`` names a built-in ZeRO recipe or a ``.json`` file (``check_paths`` checks it exists)."""
+        if self.zero not in ZERO_RECIPES and not self.zero.endswith(".json"):
+            raise ConfigError(
+                f"train.zero: '{self.zero}' is not one of {', '.join(ZERO_RECIPES)} or a path to a .json file"
+            )
+
     seed: int = field(42, doc="random seed (model init, data order, instruction draws)")
     log_every: int = field(10, doc="write a metrics.jsonl line every N steps")
     save_every: int = field(1000, doc="checkpoint every N steps (and at the end)")
@@ -121,5 +135,7 @@ class TrainRunConfig:
                     f"init: {self.init} holds a {init_preset} model but model.preset is {self.model.preset}; "
                     f"set model.preset={init_preset}"
                 )
+        if self.train.zero.endswith(".json") and not Path(self.train.zero).is_file():
+            raise UsageError(f"train.zero: {self.train.zero}: no such file")
         if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UsageError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")

@@ -82,6 +82,7 @@ class InstructionBatches:
         self.epoch, self.position = 0, 0
         self.instruction_rng = random.Random(f"instructions:{cfg.train.seed}:{rank}")
         self._skipped: collections.Counter = collections.Counter()
+        self._unreadable: dict[int, str] = {}  # dataset index -> why, found so far on this rank
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
@@ -99,14 +100,25 @@ class InstructionBatches:
         return index
 
     def _next_item(self) -> dict[str, Any]:
-        """The next readable item; an unreadable image is skipped and counted, never fatal."""
-        for _ in range(len(self.dataset)):
-            try:
-                return self.dataset[self._next_index()]
-            except DataError as exc:
-                self._skipped["bad_image"] += 1
-                log.warning("skipped: %s", exc)
-        raise DataError(f"{self.dataset.root}: no readable image in a whole pass over the aligned set")
+        """The next readable item; an unreadable image is skipped and counted, never fatal.
+
+        Only a set in which no image at all can be read fails. An image found unreadable is not read
+        again (the files do not change during a run), so skipping costs nothing after the first time.
+        """
+        while len(self._unreadable) < len(self.dataset):
+            index = self._next_index()
+            if index not in self._unreadable:
+                try:
+                    return self.dataset[index]
+                except DataError as exc:
+                    self._unreadable[index] = str(exc)
+                    log.warning("skipped: %s", exc)
+            self._skipped["bad_image"] += 1
+        first = next(iter(self._unreadable.values()))
+        raise DataError(
+            f"{self.dataset.root}: none of its {len(self.dataset)} images can be read (first: {first}); "
+            "fix or replace the images"
+        )
 
     def next_batch(self) -> dict[str, Any]:
         items = [self._next_item() for _ in range(self.batch_size)]

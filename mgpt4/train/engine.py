@@ -28,14 +28,20 @@ from mgpt4.train import checkpointing
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.data import make_prefetched_batches
 from mgpt4.train.launch import free_port
-from mgpt4.train.metrics import MetricsLog, peak_memory_mib, plot_loss, truncate_metrics
+from mgpt4.train.metrics import MetricsLog, StepProgress, peak_memory_mib, plot_loss
 from mgpt4.train.schedule import lr_at
 
 log = logging.getLogger("mgpt4.train")
 
 
-def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
-    """Train ``cfg`` in this process (one rank of however many were launched); returns a summary."""
+def run_worker(
+    cfg: TrainRunConfig, resume_dir: Path | None = None, progress: StepProgress | None = None
+) -> dict[str, Any]:
+    """Train ``cfg`` in this process (one rank of however many were launched); returns a summary.
+
+    ``resume_dir`` is the checkpoint the launching process chose and checked (``mgpt4.train.resume``);
+    it also truncated ``metrics.jsonl`` to that step. ``progress`` gets every step's record on rank 0.
+    """
     import deepspeed
 
     _log_deepspeed_to_stderr(deepspeed)
@@ -43,7 +49,6 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     run = Path(cfg.out)
     model = _setup_model(cfg)
     batches = make_prefetched_batches(cfg, model.preset, rank, world_size)
-    resume_dir = checkpointing.latest_step_dir(run)
     if resume_dir is not None:
         checkpointing.restore_weights(model, resume_dir)
     engine = _setup_engine(deepspeed, cfg, model, world_size)
@@ -51,9 +56,7 @@ def run_worker(cfg: TrainRunConfig) -> dict[str, Any]:
     if resume_dir is not None:
         start_step = checkpointing.restore_state(engine, resume_dir, batches, rank)
         log.info("resumed from %s at step %d", resume_dir, start_step)
-        if rank == 0:
-            truncate_metrics(run, start_step)
-    metrics = MetricsLog(run, cfg.train.max_steps, start_step, rank == 0, cfg.train.tensorboard)
+    metrics = MetricsLog(run, cfg.train.max_steps, rank == 0, cfg.train.tensorboard, progress)
     try:
         last = _train_loop(cfg, engine, model, batches, metrics, run, start_step, rank, world_size)
     finally:
@@ -108,8 +111,15 @@ def _setup_model(cfg: TrainRunConfig) -> MiniGPT4:
     if cfg.init is not None:
         init_dir = resolve_model_dir(cfg.init)
         tokenizer_dir = init_dir / "tokenizer" if (init_dir / "tokenizer").is_dir() else None
-    # Weights stay fp32 here; DeepSpeed casts to bf16/fp16 and keeps fp32 master weights.
-    model = build_model(dataclasses.replace(cfg.model, dtype="fp32"), tokenizer_dir=tokenizer_dir)
+    # Frozen parts load straight into the compute precision on this rank's device; the trainable ones
+    # are fp32, DeepSpeed's master weights (it casts the module to bf16/fp16 and keeps fp32 copies).
+    # With fp32 precision (the CPU default) everything is fp32, exactly as before.
+    model = build_model(
+        dataclasses.replace(cfg.model, dtype=resolve_precision(cfg.train.precision)),
+        device=_rank_device(),
+        tokenizer_dir=tokenizer_dir,
+        trainable_dtype=torch.float32,
+    )
     if cfg.init is not None:
         loaded = load_weights(model, init_dir / TRAINABLE_FILE)
         log.info("initialised %d tensors from %s", len(loaded), init_dir)
@@ -125,9 +135,7 @@ def deepspeed_config(cfg: TrainRunConfig, world_size: int) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"train.zero: {cfg.train.zero} is not valid JSON ({exc})") from exc
     on_cuda = torch.cuda.is_available()
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
+    precision = resolve_precision(cfg.train.precision)
     optim = cfg.optim
     ds = {
         **zero,
@@ -148,9 +156,29 @@ def deepspeed_config(cfg: TrainRunConfig, world_size: int) -> dict[str, Any]:
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0}
-    elif precision != "fp32":
-        raise ConfigError(f"train.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
     return ds
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` → bf16 on CUDA (fp16 without bf16 support), fp32 on CPU.
+
+    Raises:
+        ConfigError: not one of auto, fp32, bf16, fp16.
+    """
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
+    return precision
+
+
+def _rank_device() -> torch.device:
+    """This rank's GPU (the launcher's LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _param_groups(model: MiniGPT4, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,68 +1,134 @@
 """``--gpus N`` / ``--hostfile FILE`` → DeepSpeed's launcher; otherwise train in this process.
 
-The CLI process validates everything (exit code 2 before any process starts), writes the resolved
-``RUN/config.yaml``, then either runs the worker itself or re-launches ``python -m mgpt4.train.worker
---config RUN/config.yaml`` through ``deepspeed.launcher.runner`` (which also does multi-node via a
-hostfile and pdsh/ssh). On a CPU-only machine the launcher starts N gloo processes.
+The CLI process checks everything first (exit code 2 before any process starts), takes the run
+directory's lock, picks the checkpoint to resume from (``mgpt4.train.resume``), truncates
+``metrics.jsonl`` to it, writes the resolved ``RUN/config.yaml``, then either runs the worker itself or
+re-launches ``python -m mgpt4.cli.worker --config RUN/config.yaml`` through
+``deepspeed.launcher.runner`` (which also does multi-node via a hostfile and pdsh/ssh). On a CPU-only
+machine the launcher starts N gloo processes. Workers on this machine stop when this process ends
+(``exit_when_gone``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import select
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from mgpt4.config import save_config
 from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.train.config import TrainRunConfig
-from mgpt4.train.metrics import read_metrics
+from mgpt4.train.launch_options import LaunchOptions
+from mgpt4.train.metrics import StepProgress, read_metrics, truncate_metrics
+from mgpt4.train.resume import apply_plan, plan_resume
+from mgpt4.train.run_dir import RunLock, check_same_settings, prepare_run_dir
+
+log = logging.getLogger("mgpt4.train")
+
+WATCH_PID_ENV = "MGPT4_WATCH_PID"  # workers on this machine exit when this pid ends (exit_when_gone)
+WORKER_MODULE = "mgpt4.cli.worker"  # the entry point of one launched training process
 
 
 @dataclasses.dataclass
-class LaunchOptions:
-    """How many processes, on which machines."""
+class TrainSummary:
+    """What ``run_training`` did (``to_json`` is the ``--json`` summary)."""
 
-    gpus: int = 1
-    hostfile: str | None = None
-    num_nodes: int | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
+    run: str
+    steps: int  # train.max_steps
+    resumed_from: int  # the checkpoint step this run started from (0: a fresh run)
+    processes: int
+    final_loss: float | None
+    skipped_samples: dict[str, int] | None = None  # by reason; known when training ran in this process
+    already_finished: bool = False  # the run was at train.max_steps already: nothing trained
+    trainable_params: int | None = None  # known when training ran in this process
+    total_params: int | None = None
 
-    @property
-    def distributed(self) -> bool:
-        return self.gpus > 1 or self.hostfile is not None or (self.num_nodes or 1) > 1
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not self.already_finished:
+            del data["already_finished"]
+        return data
 
 
-def run_training(cfg: TrainRunConfig, launch: LaunchOptions, command: str) -> dict[str, Any]:
-    """Validate, save the resolved config, train (here or through the launcher); returns a summary."""
+def run_training(
+    cfg: TrainRunConfig, progress: StepProgress | None = None, launch: LaunchOptions | None = None
+) -> TrainSummary:
+    """Validate, lock the run, pick the resume point, train (here or through the launcher).
+
+    ``mgpt4 pretrain`` (``cfg.stage`` 1) and ``mgpt4 finetune`` (stage 2). A run already at
+    ``train.max_steps`` returns its summary with ``already_finished`` and trains nothing.
+
+    Args:
+        cfg: the resolved config.
+        progress: gets every step's metrics record when training runs in this process (the launched
+            processes of ``--gpus N`` show their own progress).
+        launch: process count and machines; None = one process here.
+
+    Raises:
+        ConfigError / UsageError (exit 2): before anything is written or started; Mgpt4Error: the
+            launched processes failed.
+    """
+    launch = launch or LaunchOptions()
     cfg.validate()
     cfg.check_paths()
-    if launch.gpus < 1:
-        raise UsageError(f"--gpus: must be at least 1, got {launch.gpus}")
-    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
-        raise UsageError(f"--hostfile {launch.hostfile}: no such file")
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    header = f"mgpt4 {command} --config {run / 'config.yaml'}"
-    config_path = save_config(cfg, run / "config.yaml", header=header)
-    if not launch.distributed:
-        from mgpt4.train.engine import run_worker
+    launch.check()
+    run = prepare_run_dir(cfg.out)
+    with RunLock(run):
+        plan = plan_resume(run)
+        if plan.folder is not None:
+            check_same_settings(cfg, run)
+            if plan.step >= cfg.train.max_steps:
+                return _summary(run, cfg, plan.step, launch, already_finished=True)
+            processes = launch.gpus * (launch.num_nodes or 1)
+            if launch.hostfile is None and processes != plan.world_size:
+                raise UsageError(
+                    f"--gpus {launch.gpus}: {plan.folder} was saved by {plan.world_size} processes and its "
+                    f"ZeRO state cannot be split differently; resume with --gpus {plan.world_size}"
+                )
+        apply_plan(plan)
+        truncate_metrics(run, plan.step)  # lines of steps after the checkpoint are trained again
+        command = "pretrain" if cfg.stage == 1 else "finetune"
+        header = f"mgpt4 {command} --config {run / 'config.yaml'}"
+        config_path = save_config(cfg, run / "config.yaml", header=header)
+        if not launch.distributed:
+            from mgpt4.train.engine import run_worker
 
-        return run_worker(cfg)
-    # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2) so
-    # that stdout holds only the summary (--json).
-    result = subprocess.run(launcher_command(launch, config_path), stdout=2, check=False)
-    if result.returncode != 0:
-        raise Mgpt4Error(f"training processes exited with code {result.returncode}; see the log above")
+            result = run_worker(cfg, plan.folder, progress)
+            summary = _summary(run, cfg, plan.step, launch)
+            summary.final_loss = result["final_loss"]
+            summary.skipped_samples = result["skipped_samples"]
+            summary.trainable_params = result["trainable_params"]
+            summary.total_params = result["total_params"]
+            return summary
+        # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2) so
+        # that stdout holds only the summary (--json).
+        env = {**os.environ, WATCH_PID_ENV: str(os.getpid())}
+        command_line = launcher_command(launch, config_path, plan.folder)
+        result = subprocess.run(command_line, stdout=2, env=env, check=False)
+        if result.returncode != 0:
+            raise Mgpt4Error(f"training processes exited with code {result.returncode}; see the log above")
+        return _summary(run, cfg, plan.step, launch)
+
+
+def _summary(run: Path, cfg: TrainRunConfig, resumed_from: int, launch: LaunchOptions,
+             already_finished: bool = False) -> TrainSummary:  # fmt: skip
     metrics = read_metrics(run)
-    return {"run": str(run), "steps": cfg.train.max_steps, "processes": launch.gpus * (launch.num_nodes or 1),
-            "final_loss": metrics[-1]["loss"] if metrics else None}  # fmt: skip
+    return TrainSummary(
+        run=str(run), steps=cfg.train.max_steps, resumed_from=resumed_from,
+        processes=launch.gpus * (launch.num_nodes or 1), final_loss=metrics[-1]["loss"] if metrics else None,
+        already_finished=already_finished,
+    )  # fmt: skip
 
 
-def launcher_command(launch: LaunchOptions, config_path: Path) -> list[str]:
+def launcher_command(launch: LaunchOptions, config_path: Path, resume: Path | None = None) -> list[str]:
     """The ``deepspeed`` launcher command line for the worker module."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch.gpus)]
     command += ["--no_local_rank"]
@@ -76,7 +142,8 @@ def launcher_command(launch: LaunchOptions, config_path: Path) -> list[str]:
     port = launch.master_port or (None if launch.hostfile else free_port())
     if port:
         command += ["--master_port", str(port)]
-    return command + ["--module", "mgpt4.train.worker", "--config", str(config_path)]
+    command += ["--module", WORKER_MODULE, "--config", str(config_path)]
+    return command + (["--resume", str(resume)] if resume is not None else [])
 
 
 def free_port() -> int:
@@ -84,3 +151,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def exit_when_gone(pid: int) -> None:
+    """Start a daemon thread that ends this (launched) process as soon as process ``pid`` has ended.
+
+    DeepSpeed's launcher does not stop its workers when its own parent dies; a worker that outlives
+    the ``mgpt4`` command would keep training into a run directory nobody holds.
+    """
+
+    def gone() -> None:
+        os.write(2, f"error: the mgpt4 process {pid} that started this run has ended; stopping\n".encode())
+        os._exit(1)  # from a thread: no cleanup that could still write checkpoints or metrics
+
+    def watch() -> None:
+        try:
+            # Linux >= 5.3: a pidfd turns readable when that very process ends (no pid-reuse race).
+            handle = os.pidfd_open(pid)
+        except ProcessLookupError:
+            gone()
+        except (AttributeError, OSError):  # macOS, old kernels: poll
+            while _alive(pid):
+                time.sleep(0.5)
+            gone()
+        select.select([handle], [], [])
+        gone()
+
+    threading.Thread(target=watch, name="mgpt4-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

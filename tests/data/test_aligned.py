@@ -10,6 +10,7 @@ from PIL import Image
 
 from mgpt4.data.aligned import AlignedDataset, read_annotations, rewrite_without, write_aligned
 from mgpt4.errors import DataError, UsageError
+from tests.helpers.bad_images import MIDDLE_BOMB, bomb_png
 
 
 def _image(value: int) -> Image.Image:
@@ -100,6 +101,19 @@ def test_damaged_image_is_a_data_error(aligned):
     dataset = AlignedDataset(root)
     with pytest.raises(DataError, match=r"3\.jpg: cannot read image"):
         dataset[1]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_over_the_pixel_cap_are_refused_before_decoding(aligned, tmp_path):
+    root, _ = aligned
+    # 100 M pixels: Pillow alone would decode this (it only warns below 179 M); the shared cap refuses it.
+    (root / "image" / "2.jpg").write_bytes(bomb_png(*MIDDLE_BOMB))
+    with pytest.raises(DataError, match=r"2\.jpg: cannot read image .*89,478,485-pixel limit"):
+        AlignedDataset(root)[0]
+    source = tmp_path / "huge.png"
+    source.write_bytes(bomb_png(*MIDDLE_BOMB))
+    with pytest.raises(DataError, match=r"huge\.png: cannot read image .*pixel limit"):
+        write_aligned(tmp_path / "other", [("1", source, "a caption")])
 
 
 def test_write_is_atomic_and_checks_ids(aligned, tmp_path):

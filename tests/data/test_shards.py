@@ -6,6 +6,7 @@ import collections
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mgpt4.data.shards import ShardMixture, blip_caption, find_shards, iter_samples
+from mgpt4.data.images import ImageReadError, shard_sources
+from mgpt4.data.shards import ShardMixture, blip_caption, find_shards, iter_shard_images
 from mgpt4.errors import DataError, UsageError
+from tests.helpers.bad_images import BIG_BOMB, bomb_png, write_damaged_shards
 
 
 def _jpeg(value: int) -> bytes:
@@ -36,6 +39,8 @@ def write_shard(path, keys, *, prefix="", bad=None, stats=True) -> list[str]:
             damage = bad.get(i)
             if damage == "bad_image":
                 sample["jpg"] = b"\xff\xd8 not a jpeg"
+            elif damage == "bomb":
+                sample["jpg"] = bomb_png(*BIG_BOMB)
             elif damage == "missing_caption":
                 del sample["txt"]
                 sample["json"] = json.dumps({"key": key, "caption": None}).encode()
@@ -55,6 +60,18 @@ def write_shard(path, keys, *, prefix="", bad=None, stats=True) -> list[str]:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def one_pass(shard) -> tuple[list[str], collections.Counter]:
+    """The keys the image source opens in one shard, and how often each kind of failure is reported."""
+    opened, failures = [], collections.Counter()
+    for source in shard_sources(str(shard)):
+        try:
+            source.open()
+            opened.append(source.key)
+        except ImageReadError as exc:
+            failures[exc.reason.split(" (")[0] if source.error is None else source.error.split(" (")[0]] += 1
+    return sorted(opened), failures
 
 
 def take(mixture, n):
@@ -201,10 +218,34 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert mixture.skipped["bad_image"] >= 1 and mixture.skipped["missing_caption"] >= 1
     assert mixture.skipped["missing_image"] >= 1
     assert mixture.skipped["truncated_shard"] >= 1 and mixture.skipped["unreadable_shard"] >= 1
-    # One pass over the plain shard counts each damage exactly once.
-    counter: collections.Counter = collections.Counter()
-    assert [s["key"] for s in iter_samples([str(shard)], counter)] == good
-    assert counter == {"bad_image": 1, "missing_caption": 1, "missing_image": 1}
+    # One pass of the image source (describe, curate, eval) over the plain shard reports each image
+    # damage exactly once, in line; it needs no caption, so the caption-less sample opens.
+    opened, failures = one_pass(shard)
+    assert opened == sorted([*good, "000000002"])
+    assert failures == {"cannot read image": 1, "no image member": 1}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_bomb_member_is_a_skipped_bad_image(tmp_path):
+    shard = tmp_path / "00000.tar"
+    good = write_shard(shard, 3, bad={1: "bomb"})
+    opened, failures = one_pass(shard)
+    assert opened == good and failures == {"cannot read image": 1}
+
+
+def test_iter_shard_images_reports_every_failure_in_line(tmp_path):
+    shards = write_damaged_shards(tmp_path / "shards")
+    samples = list(iter_shard_images(find_shards(str(shards))))
+    got = [(Path(s.shard).stem, s.key, s.error is None) for s in samples]
+    assert got == [
+        ("00000", "a0", True), ("00000", "a1", True),
+        ("00001", "b0", True), ("00001", "b1", True), ("00001", "b2", True), ("00001", "b3", True),
+        ("00002", "c0", True), ("00002", "c1", False), ("00002", "", False),
+        ("00003", "", False),
+    ]  # fmt: skip
+    assert all(s.data for s in samples if s.error is None)  # undecoded: garbage and bombs fail when opened
+    assert "c1.jpg" in samples[7].error
+    assert samples[8].error.startswith("truncated shard") and samples[9].error.startswith("unreadable shard")
 
 
 def test_a_set_without_readable_samples_raises(tmp_path):

@@ -124,7 +124,7 @@ def test_score_perfect_partial_and_reordered(train):
     samples = train[:40]
     assert score([s.caption for s in samples], samples) == {
         "shape": 1.0, "colour": 1.0, "position": 1.0, "count": 1.0,
-        "correct": 1.0, "exact": 1.0, "parsed": 1.0, "n": 40,
+        "correct": 1.0, "exact": 1.0, "parsed": 1.0, "accuracy": 1.0, "n": 40,
     }  # fmt: skip
     empty = score([""] * 40, samples)
     assert empty["shape"] == empty["count"] == empty["exact"] == empty["parsed"] == 0.0
@@ -142,6 +142,7 @@ def test_score_perfect_partial_and_reordered(train):
     wrong = next(c for c in COLOURS if c != obj["colour"])
     result = score([one.caption.replace(obj["colour"], wrong)], [one])
     assert (result["shape"], result["colour"], result["position"], result["correct"]) == (1.0, 0.0, 1.0, 0.0)
+    assert result["accuracy"] == 0.75  # the mean of shape, colour, position and count
     only_first = score([first], [two])
     assert only_first["shape"] == 0.5 and only_first["count"] == 0.0
     with pytest.raises(ValueError, match="predictions"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mgpt4.cli import cli
+from tests.helpers.bad_images import write_bad_files
 
 MGPT4 = str(Path(sys.executable).with_name("mgpt4"))
 
@@ -103,9 +105,10 @@ def test_bad_input_is_reported_and_the_session_goes_on(micro_model_dir, tmp_path
 class Terminal:
     """`mgpt4 chat` on a pseudo-terminal: type lines, wait for text, send Ctrl-C."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, **env_extra: str) -> None:
         self.master, slave = os.openpty()
         env = dict(os.environ, TERM="xterm-256color", COLUMNS="100", LINES="40", OMP_NUM_THREADS="1")
+        env.update(env_extra)
         self.proc = subprocess.Popen(
             [MGPT4, "chat", *args],
             stdin=slave,
@@ -142,8 +145,11 @@ class Terminal:
             os.close(self.master)
 
 
+@pytest.mark.slow  # a real process on a pseudo-terminal: 7-13 s on 2 busy cores
 def test_interactive_terminal_streams_and_ctrl_c_stops_only_the_answer(micro_model_dir, pictures, tmp_path):
-    term = Terminal(["-m", micro_model_dir, pictures[0], "--max-new-tokens", "8"], tmp_path)
+    # Strict decoding, as in a UTF-8 locale (the C locale's surrogateescape is covered by the piped test).
+    term = Terminal(["-m", micro_model_dir, pictures[0], "--max-new-tokens", "8"], tmp_path,
+                    PYTHONIOENCODING="utf-8:strict")  # fmt: skip
     try:
         banner = term.wait_for("you")
         assert "mgpt4 chat" in banner and "red.png" in banner and "/help" in banner
@@ -154,6 +160,8 @@ def test_interactive_terminal_streams_and_ctrl_c_stops_only_the_answer(micro_mod
         assert "/image PATH" in term.wait_for("/exit")
         term.type("/image nowhere.png")
         assert "no such image file" in term.wait_for("nowhere.png: ")
+        os.write(term.master, b"caf\xe9?\r")  # Latin-1 typed into a UTF-8 terminal
+        term.wait_for("that line is not utf-8 text (invalid continuation byte); type it again")
         # A long answer, interrupted: the session survives with the partial answer in its history.
         term.type("/set max_new_tokens 1500")
         term.wait_for("max_new_tokens = 1500")
@@ -183,3 +191,61 @@ def test_recipe_file_sets_the_model_and_decoding(micro_model_dir, pictures, tmp_
     code, out, err = chat("hello\n", "-c", str(recipe), pictures[0])
     assert code == 0, err
     assert json.loads(out)["tokens"] <= 3
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_hostile_lines_are_one_line_errors_and_the_chat_goes_on(micro_model_dir, pictures, tmp_path):
+    files = write_bad_files(tmp_path / "bad")
+    lines = [
+        f"/image {files['bomb']}",
+        f"/image {files['middle_bomb']}",
+        f"/image {files['folder']}",
+        f"/image {files['truncated']}",
+        "/set max_new_tokens [",
+        "/set num_beams 0",
+        "/set temperature 0",
+        "/set top_p 1.5",
+        f"/save {tmp_path}",
+        f"/save {pictures[0]}/chat.json",
+    ]
+    odd_name = tmp_path / os.fsdecode(b"r\xe9d.png")  # a Latin-1 file name: fine on Linux
+    shutil.copy(pictures[0], odd_name)
+    script = "".join(f"{line}\n" for line in lines).encode() + b"caf\xe9 latin-1?\n"
+    script += b"/image " + os.fsencode(odd_name) + b"\nstill there?\n"
+    result = CliRunner().invoke(
+        cli, ["chat", "-m", micro_model_dir, "--max-new-tokens", "3", "--json"], input=script,
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert [json.loads(line)["question"] for line in result.stdout.splitlines()] == ["still there?"]
+    limit = "> the 89,478,485-pixel limit"
+    for fragment in (
+        f"error: {files['bomb']}: cannot read image (400,000,000 pixels {limit}",
+        f"error: {files['middle_bomb']}: cannot read image (10000x10000 = 100,000,000 pixels {limit}",
+        f"error: {files['folder']}: is a folder, not an image file",
+        f"error: {files['truncated']}: cannot read image (",
+        "error: /set max_new_tokens: not valid YAML (line 1, column 2: expected the node content",
+        "error: generate.num_beams: must be at least 1",
+        "error: generate.temperature: must be above 0",
+        "error: generate.top_p: must be in (0, 1]",
+        f"error: /save {tmp_path}: is a folder; give a file path",
+        f"error: /save {pictures[0]}/chat.json: cannot write there (a part of the path is a file",
+        "error: the question is not UTF-8 text (byte 0xe9 at character 4); send UTF-8 instead",
+        "11 input line(s) failed",
+    ):
+        assert fragment in result.stderr, fragment
+
+
+def test_bad_settings_and_transcripts_are_refused_at_start(micro_model_dir, pictures, tmp_path):
+    for args, message in [
+        (["--num-beams", "0"], "generate.num_beams: must be at least 1"),
+        (["--max-new-tokens", "-5"], "generate.max_new_tokens: must be at least 1, got -5"),
+        (["--temperature", "0"], "generate.temperature: must be above 0 (for greedy decoding set do_sample"),
+        (["--top-p", "-0.1"], "generate.top_p: must be in (0, 1]"),
+    ]:
+        code, out, err = chat("hello\n", "-m", micro_model_dir, *args)
+        assert code == 2 and f"error: {message}" in err and not out, (args, err)
+    transcript = tmp_path / "chat.json"
+    transcript.write_text(json.dumps({"turns": [{"question": "hi", "answer": "yo", "image": 7}]}))
+    code, _, err = chat("", "-m", micro_model_dir, "--load", str(transcript))
+    assert code == 1 and f"error: {transcript}: not a chat transcript" in err

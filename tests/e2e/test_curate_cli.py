@@ -25,6 +25,7 @@ from mgpt4.curate.fix import FixerConfig, OpenAIFixer, make_fixer
 from mgpt4.data.aligned import AlignedDataset
 from mgpt4.data.synthetic import make_samples
 from mgpt4.model.tokenizer import build_micro_tokenizer
+from tests.helpers.bad_images import write_bad_files, write_damaged_shards
 
 # The random micro model writes gibberish, so a clean English fix shares almost no words with it; the
 # overlap/length checks of the fixer_commentary filter are turned off where a good fix must pass.
@@ -210,6 +211,7 @@ def test_fix_failure_keeps_text_and_rerun_refixes(micro_model_dir, image_dir, op
     assert sorted(r["caption"] for r in rows) == sorted([paragraph(0), paragraph(1)])  # 4 workers: any order
 
 
+@pytest.mark.slow  # a real process, killed and rerun: 7-19 s on 2 busy cores
 def test_resume_after_kill(micro_model_dir, image_dir, tmp_path):
     out = tmp_path / "aligned"
     args = ["--model", micro_model_dir, "--images", str(image_dir), "--out", str(out), "--num", "6",
@@ -316,7 +318,7 @@ def test_shard_input_uses_keys_in_order(micro_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--images", "x", "--out", "y"], "--model is required"),
+        (["--images", "x", "--out", "y"], "no model given and no default set: pass --model FOLDER"),
         (["--model", "micro", "--images", "/nonexistent", "--out", "{tmp}"], "--images /nonexistent"),
         (["--model", "micro", "--images", "x", "--out", "y", "--fixer", "gpt"], "fixer.backend"),
         (["--model", "micro", "--images", "x", "--out", "y", "filters.skip=[dupes]"], "filters.skip"),
@@ -335,3 +337,71 @@ def test_help_lists_options_and_review():
     result = curate("--help")
     assert "--fixer none|rules|openai|hf:PATH" in result.output and "review" in result.output
     assert "--reject" in curate("review", "--help").output
+
+
+def _unreadable(rows: list[dict]) -> dict[str, str]:
+    """image_id → reason, for the records journaled as unreadable."""
+    return {
+        r["image_id"]: v["reason"]
+        for r in rows
+        for v in r["verdicts"]
+        if v["name"] == "unreadable" and not v["passed"]
+    }
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_images_are_journaled_as_unreadable_and_a_rerun_goes_on(micro_model_dir, tmp_path):
+    files = write_bad_files(tmp_path / "images")  # good, 2 bombs, empty, text, truncated (+ a folder.jpg/)
+    args = ["--model", micro_model_dir, "--images", tmp_path / "images", "--out", tmp_path / "aligned",
+            "--batch-size", 4, "--max-new-tokens", 4, "--fixer", "none", "--json"]  # fmt: skip
+    summary = json.loads(curate(*args).stdout)
+    unreadable = _unreadable(journal(tmp_path / "aligned"))
+    assert sorted(unreadable) == ["bomb", "empty", "middle_bomb", "text", "truncated"]
+    assert "89,478,485-pixel limit" in unreadable["bomb"] and "10000x10000" in unreadable["middle_bomb"]
+    assert summary["images"] == 6 and summary["rejected_by"]["unreadable"] == 5
+    again = json.loads(curate(*args).stdout)  # the same folder, rerun: nothing crashes, nothing is redone
+    assert again["described_now"] == 0 and again["resumed"] == 6 and len(journal(tmp_path / "aligned")) == 6
+    assert files["good"].exists()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_damaged_shards_give_unreadable_records_and_warnings(micro_model_dir, tmp_path):
+    shards = write_damaged_shards(tmp_path / "shards")
+    out = tmp_path / "aligned"
+    result = curate("--model", micro_model_dir, "--images", shards, "--out", out, "--max-new-tokens", 3,
+                    "--fixer", "none", "--json")  # fmt: skip
+    rows = journal(out)
+    assert sorted(r["image_id"] for r in rows) == ["a0", "a1", "b0", "b1", "b2", "b3", "c0", "c1"]
+    unreadable = _unreadable(rows)
+    assert sorted(unreadable) == ["b1", "b2", "c1"] and "pixel limit" in unreadable["b2"]
+    assert f"{shards / '00002.tar'}: truncated shard" in result.stderr
+    assert f"{shards / '00003.tar'}: unreadable shard" in result.stderr
+    assert json.loads(result.stdout)["rejected_by"]["unreadable"] == 3
+
+
+def test_bad_outputs_settings_and_lists_fail_in_one_line(micro_model_dir, image_dir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    common = ["--model", micro_model_dir, "--images", image_dir, "--fixer", "none"]
+    for args, message in [
+        (["--out", a_file], f"--out {a_file}: is a file, not a folder"),
+        (
+            ["--out", a_file / "sub"],
+            f"--out {a_file / 'sub'}: cannot write there (a part of the path is a file",
+        ),
+        ([f"out={a_file}"], f"--out {a_file}: is a file"),
+        (["--out", tmp_path / "o", "--max-new-tokens", -5], "generate.max_new_tokens: must be at least 1"),
+        (["--out", tmp_path / "o", "generate.num_beams=0"], "generate.num_beams: must be at least 1"),
+    ]:
+        result = curate(*common, *args, code=2)
+        assert f"error: {message}" in result.stderr and "loaded" not in result.stderr, (args, result.output)
+    out = tmp_path / "aligned"
+    curate(*common, "--out", out, "--num", 1, "--max-new-tokens", 2, "--quiet")
+    latin1 = tmp_path / "ids.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    result = curate("review", "--out", out, "--reject", latin1, code=1)
+    assert f"error: {latin1}: the id list is not UTF-8 text" in result.stderr
+    with open(out / "curate.jsonl", "a") as journal_file:
+        journal_file.write('["not", "a record"]\n')
+    result = curate(*common, "--out", out, "--num", 2, code=1)
+    assert f"error: {out / 'curate.jsonl'}:2: not a curate record" in result.stderr

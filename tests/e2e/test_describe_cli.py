@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mgpt4.config import ModelConfig
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, stage2_prompt
 from mgpt4.data.synthetic import make_samples
 from mgpt4.model.build import build_model, save_model_dir
+from tests.helpers.bad_images import write_bad_files, write_damaged_shards
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +161,7 @@ def test_shard_set_input(micro_model_dir, tmp_path):
 def test_rich_panels_on_a_terminal(micro_model_dir, image_dir, monkeypatch):
     buffer = io.StringIO()
     terminal = Console(file=buffer, force_terminal=True, width=100, highlight=False)
-    monkeypatch.setattr("mgpt4.infer.render.console", terminal)
+    monkeypatch.setattr("mgpt4.cli.infer.console", terminal)
     first = sorted(image_dir.glob("*.png"))[0]
     code, _, err = describe("-m", micro_model_dir, str(first), "--max-new-tokens", "4")
     assert code == 0, err
@@ -226,3 +228,73 @@ def test_recipe_file_and_overrides(micro_model_dir, image_dir, tmp_path):
     assert code == 0, err
     records = jsonl(out)
     assert len(records) == 6 and all(r["tokens"] <= 2 for r in records)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_every_bad_image_or_shard_is_one_line_and_the_rest_is_described(micro_model_dir, tmp_path):
+    files = write_bad_files(tmp_path / "in")
+    shards = write_damaged_shards(tmp_path / "shards")
+    inputs = [files[name] for name in ("good", "bomb", "middle_bomb", "empty", "text", "truncated", "folder")]
+    code, out, err = describe(
+        "-m", micro_model_dir, *map(str, inputs), f"{tmp_path}/nothing/*.png", str(shards),
+        "--json", "--max-new-tokens", "2", "-b", "3",
+    )  # fmt: skip
+    assert code == 1
+    tars = {index: shards / f"{index:05d}.tar" for index in range(4)}
+    assert [r["image"] for r in jsonl(out)] == [str(files["good"])] + [
+        f"{tars[0]}#a0",
+        f"{tars[0]}#a1",
+        f"{tars[1]}#b0",
+        f"{tars[1]}#b3",
+        f"{tars[2]}#c0",
+    ]
+    limit = "> the 89,478,485-pixel limit"
+    for line in (
+        f"skipped {files['bomb']}: cannot read image (400,000,000 pixels {limit}",
+        f"skipped {files['middle_bomb']}: cannot read image (10000x10000 = 100,000,000 pixels {limit}",
+        f"skipped {files['empty']}: cannot read image (not an image file",
+        f"skipped {files['text']}: cannot read image (not an image file",
+        f"skipped {files['truncated']}: cannot read image (",
+        f"skipped {files['folder']}: a folder without image files or .tar shards",
+        f"skipped {tmp_path}/nothing/*.png: no such file",
+        f"skipped {tars[1]}#b1: cannot read image (not an image file",
+        f"skipped {tars[1]}#b2: cannot read image (400,000,000 pixels {limit}",
+        f"skipped {tars[2]}#c1: c1.jpg: unexpected end of data",
+        f"skipped {tars[2]}: truncated shard",
+        f"skipped {tars[3]}: unreadable shard",
+        "12 of 18 input(s) could not be read (listed above); 6 described",
+    ):
+        assert line in err, line
+
+
+def test_bad_settings_and_output_paths_fail_in_one_line_before_the_model_loads(micro_model_dir, tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    for args, message in [
+        (["--max-new-tokens", "-5"], "generate.max_new_tokens: must be at least 1, got -5"),
+        (["--num-beams", "0"], "generate.num_beams: must be at least 1"),
+        (["--temperature", "0", "--sample"], "generate.temperature: must be above 0"),
+        (["--top-p", "1.5"], "generate.top_p: must be in (0, 1], got 1.5"),
+        (["--top-p", "0"], "generate.top_p: must be in (0, 1], got 0.0"),
+        (["--repetition-penalty", "-1"], "generate.repetition_penalty: must be above 0"),
+        (["generate.max_length=0"], "generate.max_length: must be at least 1"),
+        (["generate.temperature=.nan"], "generate.temperature: must be a finite number"),
+        (["-o", str(tmp_path)], f"--output {tmp_path}: is a folder"),
+        (["-o", f"{image}/out.jsonl"], f"--output {image}/out.jsonl: cannot write there (a part of the path"),
+    ]:
+        code, out, err = describe("-m", micro_model_dir, str(image), *args)
+        assert code == 2 and f"error: {message}" in err, (args, err)
+        assert not out and "loaded" not in err  # refused before any work
+
+
+def test_a_checkpoint_config_with_a_python_tag_is_refused_and_never_run(micro_model_dir, tmp_path):
+    evil = tmp_path / "evil"
+    shutil.copytree(micro_model_dir, evil)
+    marker = tmp_path / "pwned"
+    (evil / "config.yaml").write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    code, _, err = describe("-m", str(evil), str(tmp_path / "x.png"))
+    assert code == 2 and f"error: {evil / 'config.yaml'}: not valid YAML (line 1, column 8: " in err
+    assert "python/object/apply:os.system" in err and not marker.exists()
+    (evil / "config.yaml").write_bytes(b"model:\n  preset: micro\xff\n")
+    code, _, err = describe("-m", str(evil), str(tmp_path / "x.png"))
+    assert code == 2 and f"{evil / 'config.yaml'}: cannot read (not UTF-8 text" in err

@@ -225,6 +225,67 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> N
     assert code == 2 and message in err and err.startswith("error: ")
 
 
+def test_a_failed_first_start_does_not_block_the_corrected_command(
+    tmp_path: Path, server: LoopbackServer
+) -> None:
+    urls = _jsonl(tmp_path / "urls.jsonl", _images(server, 2))
+    out = str(tmp_path / "out")
+    code, _, err = _run(str(urls), "-o", out, "--url-col", "link", "--processes", "1")
+    assert code == 2 and "no URL column link" in err
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    (tmp_path / "out").mkdir()  # a start that failed later (e.g. a .json list, read when reached) leaves:
+    (tmp_path / "out" / "download_config.yaml").write_text(yaml.safe_dump({"url_col": "link"}))
+    code, stdout, err = _run(str(urls), "-o", out, "--processes", "1", "--json")  # the corrected command
+    assert code == 0, err
+    assert json.loads(stdout)["run"]["successes"] == 2
+    saved = yaml.safe_load((tmp_path / "out" / "download_config.yaml").read_text())
+    assert saved["url_col"] is None  # the settings that wrote the shards are the ones saved
+
+
+def _unwritable_folder(tmp_path: Path) -> str:
+    """An existing folder this process cannot create files in (root ignores permission bits: use /proc)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("")
+    except OSError:
+        return str(folder)
+    return "/proc"
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file", "is a file"),
+        ("file/under", "cannot create the output folder"),
+        ("unwritable", "cannot write to the output folder"),
+    ],
+)
+def test_bad_output_paths_exit_2_in_one_line(tmp_path: Path, where: str, message: str) -> None:
+    urls = _jsonl(tmp_path / "urls.jsonl", ["http://127.0.0.1:9/x.jpg"])
+    (tmp_path / "file").write_text("not a folder")
+    out = _unwritable_folder(tmp_path) if where == "unwritable" else str(tmp_path / where)
+    proc = subprocess.run([*MGPT4, "download", str(urls), "-o", out, "--processes", "1"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and out in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("override", ["shard_size=[1,", "image={size: 3", "fetch.timeout=[", "inputs='x"])
+def test_malformed_yaml_override_exits_2_in_one_line(tmp_path: Path, override: str) -> None:
+    urls = _jsonl(tmp_path / "urls.jsonl", ["http://127.0.0.1:9/x.jpg"])
+    proc = subprocess.run([*MGPT4, "download", str(urls), "-o", str(tmp_path / "out"), override],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    key = override.partition("=")[0]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: override {key}: not valid YAML")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_changed_settings_exit_2(tmp_path: Path, server: LoopbackServer) -> None:
     urls = _jsonl(tmp_path / "urls.jsonl", _images(server, 1))
     assert _run(str(urls), "-o", str(tmp_path / "out"), "--processes", "1", "--quiet")[0] == 0
@@ -267,6 +328,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # real processes, killed and rerun: 3-25 s each on 2 busy cores
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_killed_run_leaves_only_complete_shards_and_resumes(
     tmp_path: Path, server: LoopbackServer, how: str

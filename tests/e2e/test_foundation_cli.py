@@ -12,7 +12,21 @@ from mgpt4 import __version__
 from mgpt4.cli import cli
 from mgpt4.config import builtin_recipes
 
-COMMANDS = ("download", "pretrain", "finetune", "curate", "describe", "chat", "demo", "recipes")
+COMMANDS = (
+    "download",
+    "pretrain",
+    "finetune",
+    "plot",
+    "curate",
+    "describe",
+    "chat",
+    "eval",
+    "serve",
+    "demo",
+    "model",
+    "config",
+    "recipes",
+)
 
 
 def test_help_lists_every_command():

@@ -1,8 +1,9 @@
 """`mgpt4 pretrain` / `finetune` / `plot` through the CLI, on the micro preset and tiny synthetic data.
 
 Single-process runs go through ``CliRunner`` in this process (DeepSpeed's import and gloo start-up are
-paid once); a real process is started where the test is about processes: SIGKILL + exact resume,
-``--gpus 2``, and stdout holding nothing but the ``--json`` summary.
+paid once); a real process is started where the test is about processes: SIGKILL + exact resume and
+stdout holding nothing but the ``--json`` summary. ``--gpus 2`` (and its SIGKILL) is tested in
+test_train_resume_cli.py.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
-from click.testing import CliRunner
+from helpers.train_cli import (
+    MGPT4,
+    child_env,
+    clean_process_state,
+    invoke,
+    metrics,
+    stage1_args,
+)
 
-from mgpt4.cli import cli
 from mgpt4.config import load_config
 from mgpt4.conversation import ALIGNMENT_INSTRUCTIONS, stage2_prompt
 from mgpt4.data.aligned import write_aligned
@@ -32,7 +37,6 @@ from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.data import make_batches
 from mgpt4.train.schedule import lr_at
 
-MGPT4 = str(Path(sys.executable).with_name("mgpt4"))
 METRIC_KEYS = {
     "step",
     "loss",
@@ -43,8 +47,6 @@ METRIC_KEYS = {
     "world_size",
     "skipped",
 }
-# Set by the in-process runs (engine._init_distributed); a child process must not join that group.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGE1_STEPS = 20
 
@@ -85,48 +87,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _clean_process_state():
-    """One intra-op thread (a micro model loses a lot to thread contention on a shared CPU); afterwards
-    leave no rendezvous variables behind for other test modules. The process group stays: DeepSpeed
-    caches its groups, so later in-process runs reuse it."""
-    saved = {name: os.environ.get(name) for name in DIST_ENV}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def stage1_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "pretrain", "--config", "micro_stage1", f"data.shards=[{{path: {shards}}}]", f"out={out}",
-        "data.micro_batch_size=4", "train.log_every=1", *extra,
-    ]  # fmt: skip
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_clean_process_state = pytest.fixture(scope="module", autouse=True)(clean_process_state)
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +237,7 @@ ERRORS = {
     "stage2-missing-aligned": (["finetune", "data.aligned=/no/such/aligned"], ["/no/such/aligned"]),
     "missing-init": (["finetune", "--init", "/no/such/run"], ["/no/such/run"]),
     "zero-gpus": (["pretrain", "--gpus", "0"], ["--gpus"]),
+    "too-many-gpus": (["pretrain", "--gpus", "1000"], ["--gpus 1000", "lower --gpus"]),
 }
 
 
@@ -297,36 +259,43 @@ def test_errors_exit_2_naming_the_key_before_anything_starts(args, named, data, 
 
 
 # --------------------------------------------------------------------------------------------------
-# real processes: exact resume after SIGKILL, --gpus 2, clean --json stdout
+# real processes: exact resume after SIGKILL, clean --json stdout
 # --------------------------------------------------------------------------------------------------
 
 
+def kill_when(command: list[str], ready, timeout: float = 240) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``ready()`` holds (it must still be running)."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with subprocess.Popen(command, env=child_env(), **pipes) as proc:
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(data, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_resume_after_sigkills_is_exact(zero, data, tmp_path):
+    """Killed before its first checkpoint, then after one: every step logged once, losses bitwise equal."""
+
     def command(run: Path) -> list[str]:
-        settings = [
-            "train.max_steps=40",
-            "train.save_every=5",
-            "train.keep_last=2",
-            "data.micro_batch_size=8",
-        ]
-        return [MGPT4, *stage1_args(data["shards"], run, *settings, "train.plot=false", "--json")]
+        settings = ["train.max_steps=40", "train.save_every=5", "train.keep_last=2",
+                    "data.micro_batch_size=8", f"train.zero={zero}", "train.plot=false"]  # fmt: skip
+        return [MGPT4, *stage1_args(data["shards"], run, *settings, "--json")]
 
     reference = tmp_path / "reference"
     result = invoke(*command(reference)[1:])
     assert result.exit_code == 0, result.stderr
 
     run = tmp_path / "killed"
-    latest = run / "checkpoints" / "latest"
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    with subprocess.Popen(command(run), env=child_env(), **pipes) as proc:
-        deadline = time.monotonic() + 240
-        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    latest, lines = run / "checkpoints" / "latest", run / "metrics.jsonl"
+    kill_when(command(run), lambda: lines.is_file() and lines.read_text().count("\n") >= 2)
+    assert not latest.exists(), "the first checkpoint (step 5) came before the kill"
+    kill_when(command(run), latest.exists)  # the rerun starts over, then is killed after a checkpoint
     killed_at = latest.read_text().strip()
-    assert killed_at != "step-40" and len(metrics(run)) < 40, "the run finished before the kill"
+    assert killed_at != "step-40", "the run finished before the kill"
 
     rerun = subprocess.run(command(run), env=child_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -334,27 +303,9 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
     assert summary["resumed_from"] == int(killed_at.split("-")[1]) > 0
 
     expected, resumed = metrics(reference), metrics(run)
-    assert [m["step"] for m in resumed] == list(range(1, 41))
+    assert [m["step"] for m in resumed] == list(range(1, 41))  # none lost, none twice
     assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]  # bitwise equal floats
     assert [m["lr"] for m in resumed] == [m["lr"] for m in expected]
-
-
-@pytest.mark.slow
-def test_gpus_2_runs_two_processes(data, tmp_path):
-    run = tmp_path / "run"
-    args = stage1_args(data["shards"], run, "train.max_steps=3", "train.save_every=3", "train.plot=false")
-    result = subprocess.run(
-        [MGPT4, *args, "--gpus", "2", "--master-port", str(free_port()), "--json"],
-        env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)  # the launcher's and workers' logs went to stderr
-    lines = metrics(run)
-    assert summary["processes"] == 2 and summary["final_loss"] == lines[-1]["loss"]
-    assert [m["step"] for m in lines] == [1, 2, 3] and all(m["world_size"] == 2 for m in lines)
-    step = run / "checkpoints" / "step-3"
-    states = [json.loads((step / f"state_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [state["data"]["mixture"]["rank"] for state in states] == [0, 1]
 
 
 def test_finetune_init_of_another_preset_is_a_usage_error(micro_model_dir, data, tmp_path):

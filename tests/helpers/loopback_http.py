@@ -60,6 +60,33 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    """A complete, decodable grayscale PNG of zeros: a few hundred KB that decode to width×height bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale, not interlaced
+    packer = zlib.compressobj(1)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    rows_per_block = max(1, (1 << 24) // len(row))
+    idat = []
+    for start in range(0, height, rows_per_block):
+        idat.append(packer.compress(row * min(rows_per_block, height - start)))
+    idat.append(packer.flush())
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+
+
+def big_picture(width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A large smooth RGB image, made fast (no per-blob work), as PNG (fast compression) or JPEG."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = x, y, (x + y) / 2
+    options: dict[str, object] = {"compress_level": 1} if fmt == "PNG" else {"quality": 85}
+    return _encode(Image.fromarray(rgb, "RGB"), fmt, **options)
+
+
 def _picture(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     x = np.linspace(0, 1, width)[None, :]

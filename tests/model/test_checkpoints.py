@@ -140,7 +140,8 @@ def test_wrong_shape_names_key_and_file(model, tmp_path):
         {"model": {"llama_proj.weight": torch.zeros(5120, 96), "llama_proj.bias": torch.zeros(5120)}},
         tmp_path / "pretrained_minigpt4.pth",
     )
-    with pytest.raises(CheckpointError, match=r"pretrained_minigpt4\.pth: 'weight' has shape \(5120, 96\)"):
+    match = r"pretrained_minigpt4\.pth: 'llama_proj\.weight' has shape \(5120, 96\)"
+    with pytest.raises(CheckpointError, match=match):
         checkpoints.load_projection(model, tmp_path / "pretrained_minigpt4.pth")
 
 

@@ -189,3 +189,16 @@ def test_generation_stops_at_any_configured_stop_string():
         GenerateConfig(max_new_tokens=30, repetition_penalty=1.0, stop=[first_char]),
     )[0]
     assert stopped.tokens < 30 and first_char not in stopped.text
+
+
+def test_repetition_penalty_covers_padded_rows_so_batched_equals_alone():
+    # transformers' built-in penalty skips a left-padded row's first pad_len generated tokens when
+    # generating from inputs_embeds; a padded row then repeats where it would not alone.
+    model = micro().eval()
+    short = chat_prompt([ChatTurn("hi")])
+    long = chat_prompt([ChatTurn("hi " + "describe every shape and colour you see in detail " * 4)])
+    cfg = GenerateConfig(max_new_tokens=24, repetition_penalty=1.5)
+    no_images = [torch.zeros(0, 3, 64, 64)] * 2
+    together = model.generate([short, long], no_images, cfg)
+    alone = [model.generate([p], no_images[:1], cfg)[0] for p in (short, long)]
+    assert [g.raw for g in together] == [g.raw for g in alone]

@@ -113,6 +113,30 @@ def test_unreadable_aligned_image_is_skipped_and_counted(tmp_path):
     assert batches.state_dict()["skipped"] == batches.skipped
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_half_unreadable_aligned_set_is_skipped_not_fatal(rank, tmp_path):
+    aligned = write_shape_aligned(tmp_path / "aligned", 4)
+    annotations = json.loads((aligned / "filter_cap.json").read_text())["annotations"]
+    for annotation in annotations[:2]:
+        (aligned / "image" / f"{annotation['image_id']}.jpg").write_bytes(b"not a jpeg")
+    readable = {annotation["caption"] + PRESET.stage2_end_sym for annotation in annotations[2:]}
+    # Two ranks: each takes 2 of the 4 items an epoch, so both of a rank's items are often unreadable
+    # for several epochs running; that must never end training while readable images exist.
+    batches = make_batches(_config(2, (tmp_path, aligned), rank_batch=4), PRESET, rank, 2)
+    texts = [text for _ in range(30) for text in batches.next_batch()["text"]]
+    assert set(texts) <= readable and len(texts) == 120
+    assert batches.skipped["bad_image"] >= 60  # about one skip per readable item drawn
+
+
+def test_aligned_set_without_a_readable_image_fails_naming_it(tmp_path):
+    aligned = write_shape_aligned(tmp_path / "aligned", 3)
+    for image in (aligned / "image").glob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    batches = make_batches(_config(2, (tmp_path, aligned), rank_batch=2), PRESET, 0, 1)
+    with pytest.raises(DataError, match=f"{aligned}: none of its 3 images can be read"):
+        batches.next_batch()
+
+
 def test_weight_decay_groups_follow_the_official_rule():
     model = build_model(ModelConfig(preset="micro", trainable=["proj", "qformer"], grad_checkpointing=False))
     decay, no_decay = _param_groups(model, 0.05)

@@ -1,0 +1,1 @@
+"""Scores for ``mgpt4 eval``: caption metrics (COCO scorers), yes/no parsing (POPE), VQA matching."""
