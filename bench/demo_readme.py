@@ -36,6 +36,11 @@ def _sizes(summary: dict) -> str:
     )
 
 
+def _machine(summary: dict) -> str:
+    start, end = summary["load_average"]
+    return f"1-minute load average {start:.1f} at the start, {end:.1f} at the end"
+
+
 def _scores(summary: dict) -> str:
     score = summary["score"]
     return ", ".join(f"{name} {score[name]:.2f}" for name in ATTRIBUTES)
@@ -44,20 +49,21 @@ def _scores(summary: dict) -> str:
 def section(full: dict, quick: dict) -> str:
     """The generated README block (markers included)."""
     console = Console(file=io.StringIO(), width=110, color_system=None, record=True)
-    console.print("mgpt4 demo")
     render_demo(_portable(full), console)
     printed = "\n".join(line.rstrip() for line in console.export_text().splitlines())
     seconds = {s["name"]: round(s["seconds"]) for s in quick["stages"]}
     return "\n".join([
         BEGIN,
-        f"The full run ({_sizes(full)}) took {full['total_seconds']:.0f} s of stages and printed:",
+        f"The full run ({_sizes(full)}) took {full['total_seconds']:.0f} s of stages ({_machine(full)}) "
+        "and printed:",
         "",
         "```",
         printed,
         "```",
         "",
         f"`--quick` ({_sizes(quick)}) took {quick['total_seconds']:.0f} s of stages "
-        f"(stage 1 {seconds['pretrain']} s, stage 2 {seconds['finetune']} s): {_scores(quick)}.",
+        f"(stage 1 {seconds['pretrain']} s, stage 2 {seconds['finetune']} s; {_machine(quick)}): "
+        f"{_scores(quick)}.",
         END,
     ])  # fmt: skip
 

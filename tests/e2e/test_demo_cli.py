@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mgpt4.data import synthetic
 
 MGPT4 = [sys.executable, "-m", "mgpt4"]
+DEMO_README = Path(__file__).resolve().parents[2] / "bench" / "demo_readme.py"
 
 
 @pytest.mark.slow
@@ -73,3 +76,21 @@ def test_from_scratch_trains_every_module(tmp_path):
     assert stage1["trained"] == stage1["total"]  # ViT, ln_vision, projection and LLM all train
     assert summary["parameters"]["stage2"]["trained"] < stage1["trained"]  # the recipe freezes the ViT
     assert (out / "stage2" / "checkpoints").is_dir() and len(summary["examples"]) == 3
+
+
+def test_readme_demo_block_is_generated_from_the_recorded_runs():
+    """`bench/demo_readme.py --check`: README.md shows what bench/results/demo_*.json recorded."""
+    result = subprocess.run([sys.executable, str(DEMO_README), "--check"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The block follows the recorded numbers: another score gives another block (so --check can fail).
+    spec = importlib.util.spec_from_file_location("demo_readme", DEMO_README)
+    demo_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_readme)
+    runs = {name: json.loads((DEMO_README.parent / "results" / f"demo_{name}.json").read_text())
+            for name in ("full", "quick")}  # fmt: skip
+    block = demo_readme.section(runs["full"], runs["quick"])
+    assert block in (DEMO_README.parents[1] / "README.md").read_text()
+    assert f"shape {runs['quick']['score']['shape']:.2f}" in block
+    runs["quick"]["score"]["shape"] -= 0.5
+    assert demo_readme.section(runs["full"], runs["quick"]) != block
