@@ -107,14 +107,18 @@ class ModelConfig:
     preset: str = field(
         "micro", doc="model size: micro, micro-patches, vicuna-7b, vicuna-13b, llama2-7b (`mgpt4 model info`)"
     )
-    vision_weights: str | None = field(None, doc="LAVIS eva_vit_g.pth (EVA ViT-g/14); None = random init")
+    vision_weights: str | None = field(
+        None, doc="LAVIS eva_vit_g.pth (EVA ViT-g/14), or mgpt4:PATH (shipped in the package); None = random"
+    )
     qformer_weights: str | None = field(
         None, doc="BLIP-2 blip2_pretrained_flant5xxl.pth (Q-Former, query tokens, ln_vision); None = random"
     )
     proj_weights: str | None = field(
         None, doc="MiniGPT-4 pretrained_minigpt4*.pth or our trainable.safetensors for llama_proj"
     )
-    llm_path: str | None = field(None, doc="local HF directory of Vicuna / Llama-2-chat; None = random init")
+    llm_path: str | None = field(
+        None, doc="local HF directory of Vicuna / Llama-2-chat (or mgpt4:PATH, shipped); None = random init"
+    )
     trainable: list[str] = field(
         default_factory=lambda: ["proj"], doc="modules that train: any of proj, qformer, vision, llm"
     )

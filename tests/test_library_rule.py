@@ -42,7 +42,7 @@ def library_modules() -> list[str]:
         parts = ("mgpt4", *path.relative_to(ROOT).with_suffix("").parts)
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         extra = EXTRAS.get(name)
-        if name == "mgpt4.__main__" or (extra and importlib.util.find_spec(extra) is None):
+        if name.endswith("__main__") or (extra and importlib.util.find_spec(extra) is None):
             continue
         names.append(name)
     return names

@@ -100,16 +100,18 @@ def make_samples(
     Returns:
         The samples, keyed ``"{split}-{index:06d}"``.
     """
+    return [make_sample(index, seed, split, image_size, two_shape_fraction) for index in range(n)]
+
+
+def make_sample(
+    index: int, seed: int = 0, split: str = "train", image_size: int = 64, two_shape_fraction: float = 0.3
+) -> ShapeSample:
+    """Sample number ``index`` of `make_samples` (same arguments), made on its own."""
     if split not in _SPLITS:
         raise UsageError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-    samples = []
-    for index in range(n):
-        # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs.
-        rng = random.Random(f"mgpt4-shapes:{seed}:{split}:{index}")
-        samples.append(
-            _make_sample(rng, f"{split}-{index:06d}", _SPLITS[split], image_size, two_shape_fraction)
-        )
-    return samples
+    # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs.
+    rng = random.Random(f"mgpt4-shapes:{seed}:{split}:{index}")
+    return _make_sample(rng, f"{split}-{index:06d}", _SPLITS[split], image_size, two_shape_fraction)
 
 
 def _make_sample(rng: random.Random, key: str, split_id: int, size: int, two_fraction: float) -> ShapeSample:

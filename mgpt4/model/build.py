@@ -139,6 +139,7 @@ def build_model(
         CheckpointError: any weight file problem.
     """
     preset = get_preset(cfg.preset)
+    cfg = _with_package_paths(cfg)
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     _check_quantize(cfg, dtype)
@@ -218,6 +219,14 @@ def _random_init(preset: Preset, device: torch.device, dtype: torch.dtype) -> It
             yield
     finally:
         torch.set_default_dtype(default)
+
+
+def _with_package_paths(cfg: ModelConfig) -> ModelConfig:
+    """``mgpt4:…`` weight paths resolved to the installed package's files (saved configs keep the name)."""
+    names = ("vision_weights", "qformer_weights", "proj_weights", "llm_path")
+    paths = {name: getattr(cfg, name) for name in names}
+    resolved = {name: str(checkpoints.resolve_path(path)) for name, path in paths.items() if path}
+    return dataclasses.replace(cfg, **resolved)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ from mgpt4.errors import CheckpointError
 log = logging.getLogger("mgpt4.model")
 
 TRAINABLE_FILE = "trainable.safetensors"
+
+# A weight path starting with this names a file shipped inside the installed package, e.g.
+# ``mgpt4:foundation/micro/llm`` (the pretrained micro encoders): configs that use it stay valid
+# wherever the package is installed.
+PACKAGE_SCHEME = "mgpt4:"
 
 # Where the official files come from (named in "file not found" errors).
 OFFICIAL_SOURCES = {
@@ -42,6 +48,14 @@ _BLIP2_IGNORED = re.compile(
     r"Qformer\.bert\.embeddings\.(position_ids|word_embeddings\.|position_embeddings\.)|"
     r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
 )
+
+
+def resolve_path(value: str | Path) -> Path:
+    """A weight path as given, or ``mgpt4:RELATIVE`` → that file inside the installed package."""
+    text = str(value)
+    if text.startswith(PACKAGE_SCHEME):
+        return Path(str(resources.files("mgpt4").joinpath(text[len(PACKAGE_SCHEME) :])))
+    return Path(text)
 
 
 class SafetensorsState(Mapping):

@@ -65,7 +65,9 @@ def run_worker(
     if rank == 0 and cfg.train.plot and last is not None:
         plot_loss(run)
     summary = {"run": str(run), "steps": cfg.train.max_steps, "resumed_from": start_step,
-               "final_loss": last, "skipped_samples": batches.skipped}  # fmt: skip
+               "final_loss": last, "skipped_samples": batches.skipped,
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "total_params": sum(p.numel() for p in model.parameters())}  # fmt: skip
     dist.barrier()
     return summary
 

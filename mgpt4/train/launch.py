@@ -50,6 +50,8 @@ class TrainSummary:
     already_finished: bool = False  # the run was at train.max_steps already: nothing trained
     eval: dict[str, dict[str, Any]] | None = None  # eval.task's metrics on the final checkpoint: {task: …}
     eval_out: str | None = None  # where that eval wrote its answers and report (RUN/eval/TASK)
+    trainable_params: int | None = None  # known when training ran in this process
+    total_params: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -113,6 +115,8 @@ def run_training(
             summary = _summary(run, cfg, plan.step, launch)
             summary.final_loss = result["final_loss"]
             summary.skipped_samples = result["skipped_samples"]
+            summary.trainable_params = result["trainable_params"]
+            summary.total_params = result["total_params"]
         else:
             # The launcher and workers log to stdout (DeepSpeed's default); send that to our stderr (fd 2)
             # so that stdout holds only the summary (--json).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,14 @@ def test_saved_model_folder_round_trips(tmp_path):
     for key, value in original.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[key], value, msg=key)
     assert len(restored.tokenizer) == len(original.tokenizer)
+
+
+def test_package_paths_name_files_shipped_inside_the_installed_package(tmp_path):
+    import mgpt4
+
+    recipe = checkpoints.resolve_path("mgpt4:recipes/micro_stage1.yaml")
+    assert recipe.is_file() and recipe.parent.parent == Path(mgpt4.__file__).parent
+    assert checkpoints.resolve_path(tmp_path / "x.pth") == tmp_path / "x.pth"
+    cfg = ModelConfig(preset="micro-patches", vision_weights="mgpt4:foundation/nowhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"mgpt4/foundation/nowhere.safetensors: weight file not found"):
+        build_model(cfg)

@@ -11,7 +11,8 @@ from mgpt4.errors import ConfigError, UsageError
 from mgpt4.train.config import TrainRunConfig
 from mgpt4.train.engine import deepspeed_config
 
-TRAIN_RECIPES = ["stage1_pretrain", "stage2_finetune", "micro_stage1", "micro_stage2"]
+TRAIN_RECIPES = ["stage1_pretrain", "stage2_finetune", "micro_stage1", "micro_stage2",
+                 "micro_foundation_stage1", "micro_foundation_stage2"]  # fmt: skip
 ZERO_RECIPES = ["zero1", "zero2", "zero3", "zero2_offload"]
 
 
@@ -23,10 +24,13 @@ def test_training_recipes_load_and_validate(name):
     cfg = load_config(TrainRunConfig, name)
     cfg.validate()
     assert cfg.stage == (1 if command == "pretrain" else 2)
-    if name == "micro_stage1":  # nothing pretrained exists at micro size: everything trains
+    if name == "micro_stage1":  # a fresh micro model: everything trains
         assert set(cfg.model.trainable) == {"proj", "qformer", "vision", "llm"}
     elif name == "micro_stage2":  # stage 2 keeps the ViT stage 1 trained
         assert set(cfg.model.trainable) == {"proj", "llm"}
+    elif name.startswith("micro_foundation"):  # the shipped pretrained micro ViT and LLM stay frozen
+        assert cfg.model.trainable == ["proj"]
+        assert cfg.model.vision_weights.startswith("mgpt4:") and cfg.model.llm_path.startswith("mgpt4:")
     else:
         assert cfg.model.trainable == ["proj"] and cfg.model.grad_checkpointing
 
