@@ -80,7 +80,9 @@ def test_memory_output_resumes_after_an_interruption_and_retries_failures(
 
     summary = run_download(cfg).to_json()  # resumes from the uploaded partial tar and journal
     refetched = [p for p, n in server.hits.items() if n > hits.get(p, 0) and hits.get(p, 0) > 0]
-    assert [p for p in refetched if not p.startswith("/busy")] == []  # stored rows are not fetched again
+    # Stored rows are not fetched again; only rows still in flight at Ctrl-C (at most one per thread,
+    # fetched but not yet stored) may be.
+    assert len([p for p in refetched if not p.startswith("/busy")]) <= cfg.threads
     counts = count_folder(memory_url)
     assert counts.rows == 27 and counts.successes == 24 and counts.leftovers == []
     assert sorted(counts.keys) == sorted(shard_key(i // 10, i % 10, 10) for i in range(27))
@@ -95,7 +97,8 @@ def test_memory_output_resumes_after_an_interruption_and_retries_failures(
     counts = count_folder(memory_url)
     assert counts.rows == 27 and counts.successes == 27 and counts.leftovers == []
     assert all(counts.jpegs[name] == jpeg for name, jpeg in stored.items())  # kept byte for byte
-    assert all(server.hits[u.removeprefix(server.base)] == 1 for u in good)
+    extra = [server.hits[u.removeprefix(server.base)] - 1 for u in good]
+    assert min(extra) == 0 and sum(extra) <= cfg.threads  # only the rows in flight at Ctrl-C twice
     assert not any(RemoteShard(RemoteFolder(memory_url), i).staging.exists() for i in range(3))  # cleaned up
 
 
