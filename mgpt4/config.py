@@ -348,6 +348,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"train.lr": 1e-4, …}``: the keys ``KEY=VALUE`` overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= to_dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_config(cfg: Any, path: str | os.PathLike, header: str | None = None) -> Path:
     """Write the fully resolved config as YAML (atomically), with an optional comment header."""
     path = Path(path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mgpt4.config import to_dict
+from mgpt4.config import to_dict, to_dotted
 from mgpt4.errors import ConfigError, Mgpt4Error, UsageError
 from mgpt4.eval.config import EvalConfig
 from mgpt4.train.config import TrainRunConfig
@@ -105,22 +105,12 @@ def rerun_command(eval_cfg: EvalConfig) -> str:
     if eval_cfg.data is not None:
         words.append(eval_cfg.data)
     words += ["--out", eval_cfg.out]
-    defaults = _flat(to_dict(EvalConfig()))
+    defaults = to_dotted(to_dict(EvalConfig()))
     skip = {"task", "data", "checkpoint", "out", "judge.key"}
-    for key, value in _flat(to_dict(eval_cfg)).items():
+    for key, value in to_dotted(to_dict(eval_cfg)).items():
         if key not in skip and not key.startswith("model.") and value != defaults.get(key):
             words.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
     return " ".join(shlex.quote(str(word)) for word in words)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _keep_results_of_other_checkpoints(out: Path, checkpoint: Path) -> None:

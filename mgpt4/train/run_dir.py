@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mgpt4.config import load_config, to_dict
+from mgpt4.config import load_config, to_dict, to_dotted
 from mgpt4.errors import Mgpt4Error, UsageError
 from mgpt4.train.config import TrainRunConfig
 
@@ -95,8 +95,8 @@ def check_same_settings(cfg: TrainRunConfig, run: Path) -> None:
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(to_dict(load_config(TrainRunConfig, saved_path)))
-    wanted = _flatten(to_dict(cfg))
+    saved = to_dotted(to_dict(load_config(TrainRunConfig, saved_path)))
+    wanted = to_dotted(to_dict(cfg))
     fixed = [k for k in wanted if k not in RESUME_MAY_CHANGE and not k.startswith(RESUME_MAY_CHANGE_SECTIONS)]
     differ = [key for key in fixed if wanted[key] != saved.get(key)]
     if differ:
@@ -104,13 +104,3 @@ def check_same_settings(cfg: TrainRunConfig, run: Path) -> None:
         raise UsageError(
             f"out: {run} was saved with {changes}; resume it with the same settings, or choose a new out="
         )
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
