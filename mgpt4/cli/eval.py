@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -20,6 +21,11 @@ from mgpt4.cli.options import (
 )
 from mgpt4.errors import UsageError
 from mgpt4.eval.config import TASK_NAMES, EvalConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mgpt4.eval.compare import Comparison
 
 
 @click.group(cls=RunByDefaultGroup, no_args_is_help=True, context_settings={"ignore_unknown_options": True})
@@ -106,8 +112,14 @@ def compare(dir_a: str, dir_b: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(comparison.to_json(), indent=2))
         return
+    render_comparison(comparison, console)
+
+
+def render_comparison(comparison: Comparison, target: Console) -> None:
+    """The side-by-side table of a `compare` result and its notes, on a rich console."""
     title = comparison.task_a if comparison.task_a == comparison.task_b else "eval"
-    table = Table(title=f"{title}: A = {comparison.a}, B = {comparison.b}", title_justify="left")
+    target.print(f"{title}: A = {comparison.a}, B = {comparison.b}", markup=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     table.add_column("A", justify="right")
     table.add_column("B", justify="right")
@@ -121,9 +133,9 @@ def compare(dir_a: str, dir_b: str, as_json: bool) -> None:
             metric_text(row.b),
             f"[{style}]{difference}[/]" if style else difference,
         )
-    console.print(table)
+    target.print(table)
     for note in comparison.notes:
-        console.print(f"note: {note}", markup=False)
+        target.print(f"note: {note}", markup=False)
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict:

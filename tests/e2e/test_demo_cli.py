@@ -94,3 +94,27 @@ def test_readme_demo_block_is_generated_from_the_recorded_runs():
     assert f"shape {runs['quick']['score']['shape']:.2f}" in block
     runs["quick"]["score"]["shape"] -= 0.5
     assert demo_readme.section(runs["full"], runs["quick"]) != block
+
+
+def test_readme_eval_block_is_generated_from_recorded_eval_runs(tmp_path):
+    """The README's `mgpt4 eval` example is `eval compare` on the recorded stage-1/stage-2 scores.json."""
+    spec = importlib.util.spec_from_file_location("demo_readme", DEMO_README)
+    demo_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_readme)
+    recorded = DEMO_README.parent / "results" / "eval_demo"
+    block = demo_readme.eval_section(recorded)
+    assert block in (DEMO_README.parents[1] / "README.md").read_text()
+    scores = {
+        stage: json.loads((recorded / stage / "scores.json").read_text()) for stage in ("stage1", "stage2")
+    }
+    assert scores["stage1"]["task"] == scores["stage2"]["task"] == "shapes"
+    assert scores["stage1"]["data"]["listing_sha256"] == scores["stage2"]["data"]["listing_sha256"]
+    for name in ("shape", "colour", "position", "count"):
+        a, b = scores["stage1"]["metrics"][name], scores["stage2"]["metrics"][name]
+        assert f"{a:.4f}" in block and f"{b:.4f}" in block and f"{b - a:+.4f}" in block
+    # Another recorded score gives another block.
+    for stage in ("stage1", "stage2"):
+        (tmp_path / stage).mkdir()
+        scores[stage]["metrics"]["shape"] -= 0.25 if stage == "stage2" else 0.0
+        (tmp_path / stage / "scores.json").write_text(json.dumps(scores[stage]))
+    assert demo_readme.eval_section(tmp_path) != block
