@@ -20,6 +20,7 @@ import functools
 import http.server
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -38,6 +39,7 @@ from mgpt4.errors import Mgpt4Error, UsageError
 log = logging.getLogger("mgpt4.demo")
 
 MARKER = "demo.yaml"
+SHARD_SIZE = 500  # images per downloaded shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +277,12 @@ def _download(out: Path, samples: list[synthetic.ShapeSample]) -> str:
         url_list = out / "data" / "urls.jsonl"
         url_list.write_text("".join(json.dumps({"url": f"{base}/{s.key}.jpg", "caption": s.caption}) + "\n"
                                     for s in samples))  # fmt: skip
+        # One process per core, as a user's download gets, but no more than there are shards: measured on
+        # the 2-core machine, 3,000 images took 16 s with one process and 8 s with two.
+        processes = min(os.cpu_count() or 1, math.ceil(len(samples) / SHARD_SIZE))
         cfg = load_config(DownloadConfig, None, [
-            f"inputs=[{url_list}]", f"output={out / 'shards'}", "shard_size=500", "processes=1", "threads=16",
-            "image.size=64", "image.resize_mode=no",
+            f"inputs=[{url_list}]", f"output={out / 'shards'}", f"shard_size={SHARD_SIZE}",
+            f"processes={processes}", "threads=16", "image.size=64", "image.resize_mode=no",
         ])  # fmt: skip
         summary = run_download(cfg)
     run = summary.run

@@ -131,7 +131,7 @@ Members = dict[str, tarfile.TarInfo]  # a sample's tar members by extension ("jp
 
 
 class ShardFile:
-    """A tar with its samples' members indexed (``samples``), so any sample can be read by number.
+    """A tar with its samples' members indexed (``samples``, by key), so any sample can be read by number.
 
     Hand-written on `tarfile` instead of webdataset's ``tar_file_iterator``/``group_by_keys``: those
     stream every byte, and route every error through one handler, while exact cheap resume needs
@@ -157,6 +157,10 @@ class ShardFile:
             # The members read before the damage are still usable; a cut-off last one fails on read.
             if on_skip is not None:
                 on_skip(SampleSkip("truncated_shard", str(exc)), path)
+        # Key order, not write order: a downloader writes samples as their fetches complete, so the same
+        # rows downloaded twice make tars in different orders. Sorted, sample ``i`` (and with it a seeded
+        # run's batches) depends only on what the shard holds. Stable: a repeated key keeps its order.
+        self.samples.sort(key=lambda sample: sample[0])
 
     def _add(self, member: tarfile.TarInfo) -> None:
         if not member.isreg() or os.path.basename(member.name).startswith("__"):
